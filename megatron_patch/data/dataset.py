@@ -1,0 +1,109 @@
+"""PatchGPTDataset: megatron-core's GPTDataset over a patch view of the documents.
+
+With documents padded to multiples of K (tools/preprocess_data.py --patch-size K), a document of n tokens is
+n/K patches. GPTDataset's sample machinery (shuffling, epochs, sample index, caching, blending) then runs on
+patches unchanged: a sample is T+1 consecutive patches starting at a patch boundary, tokens = its first T
+patches and labels = its last T patches, i.e. the labels of patch i are the K tokens of patch i+1.
+For K=1 this is exactly GPTDataset's sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+
+class NotPatchAlignedError(ValueError):
+    pass
+
+
+class PatchView:
+    """An IndexedDataset seen in units of K tokens: lengths in patches, `get` returns [n, K] arrays."""
+
+    def __init__(self, dataset: IndexedDataset, patch_size: int):
+        lengths = dataset.sequence_lengths
+        misaligned = numpy.flatnonzero(lengths % patch_size)
+        if misaligned.size:
+            raise NotPatchAlignedError(
+                f"{dataset.path_prefix}: {misaligned.size} of {lengths.size} documents are not a multiple of "
+                f"patch size {patch_size} tokens (first: document {misaligned[0]}, {lengths[misaligned[0]]} "
+                f"tokens); preprocess with tools/preprocess_data.py --patch-size {patch_size} (or a multiple)"
+            )
+        self.dataset = dataset
+        self.patch_size = patch_size
+        self.path_prefix = dataset.path_prefix
+        self.sequence_lengths = (lengths // patch_size).astype(numpy.int32)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, idx: int, offset: int = 0, length: Optional[int] = None) -> numpy.ndarray:
+        k = self.patch_size
+        tokens = self.dataset.get(idx, offset=offset * k, length=None if length is None else length * k)
+        return tokens.reshape(-1, k)
+
+
+@dataclass
+class PatchGPTDatasetConfig(GPTDatasetConfig):
+    patch_size: int = 1
+    """K. `sequence_length` counts patches (T); a sample reads (T+1)*K tokens."""
+
+    pad_id: int = -1
+    """Id of the alignment padding written by preprocessing; labels equal to it get no loss."""
+
+
+class PatchGPTDataset(GPTDataset):
+    config: PatchGPTDatasetConfig
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str, config: PatchGPTDatasetConfig) -> PatchView:
+        return PatchView(GPTDataset.build_low_level_dataset(dataset_path, config), config.patch_size)
+
+    @staticmethod
+    def _key_config_attributes() -> List[str]:
+        return GPTDataset._key_config_attributes() + ["patch_size", "pad_id"]
+
+    def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
+        patches, _ = self._query_document_sample_shuffle_indices(idx)  # [T+1, K]
+        patches = torch.from_numpy(patches).long()
+        tokens = patches[:-1].reshape(-1)
+        labels = patches[1:].reshape(-1)
+        loss_mask = (labels != self.config.pad_id).float()
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+
+
+def build_datasets(
+    prefixes: List[str],
+    weights: Optional[List[float]],
+    split: str,
+    tokenizer,
+    patch_size: int,
+    num_patches: int,
+    num_samples: List[int],
+    seed: int,
+    pad_id: int,
+    cache_path: Optional[str],
+    is_built_on_rank,
+):
+    """train/valid/test PatchGPTDatasets (None where a split is empty), via megatron-core's builder."""
+    config = PatchGPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=num_patches,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        patch_size=patch_size,
+        pad_id=pad_id,
+    )
+    return BlendedMegatronDatasetBuilder(PatchGPTDataset, num_samples, is_built_on_rank, config).build()

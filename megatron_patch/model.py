@@ -1,0 +1,104 @@
+"""PatchGPTModel: megatron-core's GPTModel reading patches and predicting the next patch.
+
+Only two things differ from GPTModel, both from `patching.py`: the decoder input is the mean of each K token
+embeddings, and the loss is the K-target cross-entropy. The parameters are exactly GPTModel's for every K,
+so phase-1 (K>1) weights load into the phase-2 (K=1) model as they are, and K=1 is GPTModel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from megatron_patch.config import ModelConfig, ParallelConfig
+from megatron_patch.patching import patch_cross_entropy, patch_position_ids, patchify
+
+
+class PatchGPTModel(GPTModel):
+    def __init__(self, *args, patch_size: int = 1, **kwargs):
+        # Patches are averaged over the full sequence, so the embedding must not scatter it for sequence
+        # parallelism; forward() scatters the patch embeddings instead.
+        super().__init__(*args, scatter_embedding_sequence_parallel=False, **kwargs)
+        self.patch_size = patch_size
+
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, **kwargs):
+        """input_ids/labels: [b, T*K] tokens; position_ids: ignored (patch indices are used);
+        attention_mask: causal mask over the T patch positions (None: built here)."""
+        seq_length = input_ids.size(1)
+        decoder_input = None
+        if self.pre_process:
+            positions = patch_position_ids(seq_length, self.patch_size, device=input_ids.device)
+            decoder_input = patchify(self.embedding(input_ids=input_ids, position_ids=positions), self.patch_size)
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        if attention_mask is None:
+            attention_mask = causal_attention_mask(seq_length // self.patch_size, input_ids.device)
+        return super().forward(
+            input_ids, None, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
+        )
+
+    def compute_language_model_loss(self, labels, logits):
+        """[b, T*K] per-token loss of the K-target objective (GPTModel's hook for the LM loss)."""
+        return patch_cross_entropy(
+            logits, labels, self.patch_size, group=parallel_state.get_tensor_model_parallel_group()
+        )
+
+
+def causal_attention_mask(num_positions: int, device) -> torch.Tensor:
+    """[1, 1, T, T] boolean mask, True = masked (megatron-core's convention)."""
+    return torch.triu(torch.ones(num_positions, num_positions, dtype=torch.bool, device=device), 1)[None, None]
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False) -> TransformerConfig:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        # Same initial weights on any device and any tensor-parallel size.
+        use_cpu_initialization=True,
+        # p2p synchronisation calls torch.cuda.synchronize; batched isend/irecv waits are enough.
+        batch_p2p_sync=torch.cuda.is_available(),
+    )
+
+
+def build_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    vocab_size: int,
+    patch_size: int,
+    bf16: bool = False,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> PatchGPTModel:
+    config = transformer_config(model, parallel, bf16)
+    return PatchGPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization=model.normalization),
+        vocab_size=vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_base=model.rotary_base,
+        patch_size=patch_size,
+    )

@@ -1,0 +1,76 @@
+"""Process groups and device, from whichever launcher started us.
+
+torchrun and the deepspeed launcher set RANK / WORLD_SIZE / LOCAL_RANK; `srun` sets SLURM_PROCID / SLURM_NTASKS /
+SLURM_LOCALID; mpirun (Open MPI) sets OMPI_COMM_WORLD_*. One process alone needs nothing. CUDA + NCCL when a GPU
+is present, otherwise CPU + gloo with the megatron-core CPU shims.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_patch.compat.cpu import apply_cpu_shims
+from megatron_patch.config import ParallelConfig
+
+_LAUNCHER_ENV = [  # (rank, world size, local rank)
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+]
+
+
+@dataclass
+class Launch:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_from_env() -> Launch:
+    for rank, world, local in _LAUNCHER_ENV:
+        if rank in os.environ and world in os.environ:
+            return Launch(int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0)))
+    return Launch(0, 1, 0)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def initialize(parallel: ParallelConfig, seed: int, launch: Launch | None = None) -> Launch:
+    """Start torch.distributed and megatron-core's model-parallel groups; seed every RNG."""
+    launch = launch or launch_from_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        apply_cpu_shims()
+        backend = "gloo"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend, rank=launch.rank, world_size=launch.world_size, timeout=timedelta(minutes=10)
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return launch
+
+
+def destroy() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,325 @@
+"""The training loop. One call of `pretrain(cfg)` runs one phase:
+
+  phase 1: --patch-size K (K>1)            patch-level, from scratch (or resumed)
+  phase 2: --patch-size 1 --pretrained-checkpoint PHASE1_SAVE
+           token-level, initialised from phase 1's WEIGHTS only: fresh optimizer, fresh LR schedule
+
+Both phases are the same code with a different TrainingConfig. megatron-core does the work: its DDP, its
+optimizer (AdamW), its LR scheduler and its forward/backward schedules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from megatron_patch import checkpoint, parallel
+from megatron_patch.config import ConfigError, TrainingConfig, parse_args, parse_blend, to_dict
+from megatron_patch.data.dataset import NotPatchAlignedError, build_datasets
+from megatron_patch.data.tokenizer import SentencePieceTokenizer
+from megatron_patch.model import PatchGPTModel, build_model
+
+VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
+    multiple = VOCAB_DIVISIBLE_BY * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def log(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+class MicroBatchSampler:
+    """Megatron's pretraining sampler: samples in order from `consumed_samples`; each round of
+    micro_batch_size * DP samples is split across the data-parallel ranks."""
+
+    def __init__(self, total_samples, consumed_samples, micro_batch_size, dp_rank, dp_size):
+        self.total, self.consumed = total_samples, consumed_samples
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self):
+        round_size = self.micro_batch_size * self.dp_size
+        start = self.dp_rank * self.micro_batch_size
+        for first in range(self.consumed, self.total - round_size + 1, round_size):
+            yield list(range(first + start, first + start + self.micro_batch_size))
+
+
+def _loader(dataset, consumed_samples, cfg: TrainingConfig):
+    sampler = MicroBatchSampler(
+        len(dataset),
+        consumed_samples,
+        cfg.micro_batch_size,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available()
+        )
+    )
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Masked sum and token count: the schedule divides by the count, logging sums both over ranks."""
+    loss_mask = loss_mask.view(-1).float()
+    total = torch.sum(per_token_loss.reshape(-1).float() * loss_mask)
+    num_tokens = loss_mask.sum().to(torch.int)
+    return total, num_tokens, {"lm loss": torch.stack([total.detach(), loss_mask.sum()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = parallel.device()
+    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+    per_token_loss = model(tokens, None, None, labels=labels)
+    return per_token_loss, partial(_loss_func, batch["loss_mask"].to(device))
+
+
+class Trainer:
+    """Model, optimizer, schedule and data of one phase."""
+
+    def __init__(self, cfg: TrainingConfig):
+        self.cfg = cfg
+        tp = cfg.parallel.tensor_model_parallel_size
+        self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, tp)
+        model = build_model(cfg.model, cfg.parallel, self.vocab_size, cfg.patch_size, bf16=cfg.bf16)
+        model = model.to(parallel.device())
+        self.config = model.config
+        if cfg.bf16:
+            model = Float16Module(model.config, model)
+        self.model = DistributedDataParallel(
+            self.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+            model,
+        )
+        self.config.no_sync_func = self.model.no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+        o = cfg.optim
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer="adam",  # megatron-core's Adam applies decoupled weight decay: AdamW
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=cfg.bf16,
+                params_dtype=self.config.params_dtype,
+            ),
+            [self.model],
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_iters,
+            lr_decay_steps=o.lr_decay_iters,
+            lr_decay_style=o.lr_decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=o.lr_decay_iters,
+            wd_incr_style="constant",
+        )
+        self.iteration = 0
+        self.consumed_samples = 0
+
+    @property
+    def unwrapped_model(self) -> PatchGPTModel:
+        model = self.model.module
+        return model.module if isinstance(model, Float16Module) else model
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.unwrapped_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "opt_param_scheduler": self.scheduler.state_dict(),
+            "iteration": self.iteration,
+            "consumed_samples": self.consumed_samples,
+            "config": to_dict(self.cfg),
+            "rng_state": {"torch": torch.get_rng_state()},
+        }
+
+    def load(self) -> None:
+        """Resume from --load if it holds a checkpoint; else take weights only from --pretrained-checkpoint."""
+        if checkpoint.latest_iteration(self.cfg.load) is not None:
+            state = checkpoint.load(self.cfg.load)
+            self.unwrapped_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["opt_param_scheduler"])
+            self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
+            torch.set_rng_state(state["rng_state"]["torch"])
+            log(f"resumed from {self.cfg.load} at iteration {self.iteration}")
+        elif self.cfg.pretrained_checkpoint:
+            state = checkpoint.load(self.cfg.pretrained_checkpoint)
+            self.load_weights(state["model"])
+            log(f"initialised weights from {self.cfg.pretrained_checkpoint} (iteration {state['iteration']}); "
+                f"fresh optimizer and LR schedule")
+
+    def load_weights(self, model_state: dict) -> None:
+        self.unwrapped_model.load_state_dict(model_state)
+        # The optimizer may keep its own (fp32 master) copy of the parameters: refresh it from the model.
+        self.optimizer.reload_model_params()
+
+    def save(self) -> None:
+        path = checkpoint.save(self.cfg.save, self.iteration, self.state_dict())
+        log(f"saved checkpoint {path}")
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def _run_batches(self, data_iterator, num_microbatches: int, forward_only: bool):
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=data_iterator,
+            model=[self.model],
+            num_microbatches=num_microbatches,
+            seq_length=self.cfg.num_patches,
+            micro_batch_size=self.cfg.micro_batch_size,
+            forward_only=forward_only,
+        )
+        totals = torch.zeros(2, dtype=torch.float64, device=parallel.device())
+        for entry in losses:  # only the last pipeline stage gets losses
+            totals += entry["lm loss"].to(totals)
+        dist.all_reduce(totals)  # sum over data-parallel ranks (and zeros from other stages)
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    @property
+    def num_microbatches(self) -> int:
+        dp = parallel_state.get_data_parallel_world_size()
+        return self.cfg.global_batch_size // (self.cfg.micro_batch_size * dp)
+
+    def train_step(self, data_iterator) -> dict:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self._run_batches(data_iterator, self.num_microbatches, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_samples += self.cfg.global_batch_size
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self, dataset) -> float:
+        self.model.eval()
+        data = _loader(dataset, 0, self.cfg)
+        loss = self._run_batches(data, self.num_microbatches * self.cfg.eval_iters, forward_only=True)
+        self.model.train()
+        return loss
+
+
+def _num_samples(cfg: TrainingConfig):
+    evals = cfg.train_iters // cfg.eval_interval + 1
+    return [
+        cfg.train_iters * cfg.global_batch_size,
+        evals * cfg.eval_iters * cfg.global_batch_size,
+        cfg.eval_iters * cfg.global_batch_size,
+    ]
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def pretrain(cfg: TrainingConfig) -> dict:
+    """Run one phase; returns its summary (also printed)."""
+    trainer = Trainer(cfg)
+    trainer.load()
+    prefixes, weights = parse_blend(cfg.data.data_path)
+    train_ds, valid_ds, _ = build_datasets(
+        prefixes, weights, cfg.data.split, trainer.tokenizer, cfg.patch_size, cfg.num_patches,
+        _num_samples(cfg), cfg.seed, trainer.tokenizer.pad, cfg.data.data_cache_path, lambda: True,
+    )
+    data = _loader(train_ds, trainer.consumed_samples, cfg)
+    log(f"phase: patch size K={cfg.patch_size}, {cfg.seq_length} tokens = {cfg.num_patches} positions per "
+        f"sample, {cfg.global_batch_size} samples = {cfg.tokens_per_step} tokens per step, "
+        f"{cfg.train_iters} iterations, world size {dist.get_world_size()}")
+    log_file = open(cfg.log_json, "a") if cfg.log_json and dist.get_rank() == 0 else None
+    start_iteration, window_losses, step_times, losses = trainer.iteration, [], [], []
+    valid_loss = None
+    while trainer.iteration < cfg.train_iters:
+        started = time.perf_counter()
+        stats = trainer.train_step(data)
+        step_times.append(time.perf_counter() - started)
+        if not math.isfinite(stats["loss"]):
+            raise FloatingPointError(f"loss is {stats['loss']} at iteration {trainer.iteration}")
+        window_losses.append(stats["loss"])
+        losses.append(stats["loss"])
+        stats.update(iteration=trainer.iteration, tokens_per_sec=cfg.tokens_per_step / step_times[-1],
+                     consumed_tokens=trainer.consumed_samples * cfg.seq_length)
+        if trainer.iteration % cfg.log_interval == 0 or trainer.iteration == cfg.train_iters:
+            log(f"iteration {trainer.iteration:6d}/{cfg.train_iters} | loss {sum(window_losses) / len(window_losses):.4f}"
+                f" | lr {stats['lr']:.3e} | grad norm {stats['grad_norm']:.3f}"
+                f" | tokens/s {stats['tokens_per_sec']:.0f} | {1000 * step_times[-1]:.0f} ms/iter")
+            window_losses = []
+        if log_file:
+            log_file.write(json.dumps(stats) + "\n")
+            log_file.flush()
+        if valid_ds is not None and trainer.iteration % cfg.eval_interval == 0:
+            valid_loss = trainer.evaluate(valid_ds)
+            log(f"iteration {trainer.iteration:6d} | validation loss {valid_loss:.4f}")
+        if cfg.save and cfg.save_interval and trainer.iteration % cfg.save_interval == 0:
+            trainer.save()
+    if cfg.save and checkpoint.latest_iteration(cfg.save) != trainer.iteration:
+        trainer.save()
+    if valid_ds is not None and valid_loss is None:
+        valid_loss = trainer.evaluate(valid_ds)
+    # The first step pays for warm-up (allocation, caches): leave it out of the throughput when possible.
+    timed = step_times[1:] or step_times
+    summary = {
+        "patch_size": cfg.patch_size,
+        "iterations": trainer.iteration - start_iteration,
+        "tokens": (trainer.iteration - start_iteration) * cfg.tokens_per_step,
+        "tokens_per_sec": len(timed) * cfg.tokens_per_step / sum(timed) if timed else 0.0,
+        "seconds": sum(step_times),
+        # Mean over a few steps at each end: single-step losses are noisy.
+        "first_train_loss": _mean(losses[: max(1, len(losses) // 4)]),
+        "final_train_loss": _mean(losses[-max(1, len(losses) // 4):]),
+        "valid_loss": valid_loss,
+    }
+    log("phase summary: " + json.dumps(summary))
+    if log_file:
+        log_file.write(json.dumps({"summary": summary}) + "\n")
+        log_file.close()
+    return summary
+
+
+def main(argv=None) -> None:
+    try:
+        cfg = parse_args(argv).resolve(parallel.launch_from_env().world_size)
+    except ConfigError as e:
+        print(f"pretrain_patch_gpt: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    parallel.initialize(cfg.parallel, cfg.seed)
+    try:
+        pretrain(cfg)
+    except NotPatchAlignedError as e:
+        print(f"pretrain_patch_gpt: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures: a small real corpus (Python's own documentation) tokenized with a freshly trained
+SentencePiece model, tiny model configs, and megatron-core initialised in this process (gloo, world size 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+sys.path.insert(0, ROOT)
+
+# LLaMA-style tiny model used by the end-to-end tests.
+TINY_MODEL_FLAGS = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "176",
+    "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope", "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout", "0",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, check=True, env=None, timeout=600):
+    """Run a command from the repository root; on failure show its output in the assertion."""
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A JSONL corpus of 160 real documents, a 1000-piece tokenizer trained on it, and its datasets:
+    `aligned4` padded to patches of 4 tokens, `plain` as Megatron-LM would write it."""
+    out = tmp_path_factory.mktemp("corpus")
+    full = out / "full.jsonl"
+    run([PYTHON, "examples/python_docs_corpus.py", "--output", str(full)])
+    with open(full) as f:
+        lines = f.readlines()[:160]
+    jsonl = out / "docs.jsonl"
+    jsonl.write_text("".join(lines))
+    run([PYTHON, "tools/train_tokenizer.py", "--input", str(jsonl), "--model-prefix", str(out / "tok"),
+         "--vocab-size", "1000"])
+    common = [PYTHON, "tools/preprocess_data.py", "--input", str(jsonl), "--tokenizer-model", str(out / "tok.model"),
+              "--append-eod"]
+    run(common + ["--output-prefix", str(out / "aligned4"), "--patch-size", "4"])
+    run(common + ["--output-prefix", str(out / "plain")])
+    return {
+        "dir": out,
+        "jsonl": jsonl,
+        "texts": [json.loads(line)["text"] for line in lines],
+        "tokenizer": str(out / "tok.model"),
+        "aligned4": str(out / "aligned4_text_document"),
+        "plain": str(out / "plain_text_document"),
+    }
+
+
+@pytest.fixture(scope="session")
+def megatron_process():
+    """megatron-core's parallel state for this test process: gloo, world size 1, TP=PP=1."""
+    from megatron_patch import parallel
+    from megatron_patch.config import ParallelConfig
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    parallel.initialize(ParallelConfig(), seed=1234, launch=parallel.Launch(0, 1, 0))
+    yield
+    parallel.destroy()

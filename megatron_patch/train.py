@@ -30,7 +30,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_patch import checkpoint, parallel
 from megatron_patch.config import ConfigError, TrainingConfig, parse_args, parse_blend, to_dict
-from megatron_patch.data.dataset import NotPatchAlignedError, build_datasets
+from megatron_patch.data.dataset import DataError, build_datasets
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.model import PatchGPTModel, build_model
 
@@ -234,7 +234,7 @@ def _num_samples(cfg: TrainingConfig):
     return [
         cfg.train_iters * cfg.global_batch_size,
         evals * cfg.eval_iters * cfg.global_batch_size,
-        cfg.eval_iters * cfg.global_batch_size,
+        0,  # the test split is never read during training
     ]
 
 
@@ -314,7 +314,7 @@ def main(argv=None) -> None:
     parallel.initialize(cfg.parallel, cfg.seed)
     try:
         pretrain(cfg)
-    except NotPatchAlignedError as e:
+    except DataError as e:
         print(f"pretrain_patch_gpt: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -30,7 +30,9 @@ def free_port() -> int:
 
 
 def run(cmd, check=True, env=None, timeout=600):
-    """Run a command from the repository root; on failure show its output in the assertion."""
+    """Run a command from the repository root (os.environ updated with `env`, and a free MASTER_PORT unless
+    `env` names one); on failure show its output in the assertion."""
+    env = dict(os.environ, **{"MASTER_PORT": str(free_port()), **(env or {})})
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {result.returncode}\n{result.stdout}\n{result.stderr}")

@@ -19,7 +19,11 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 
-class NotPatchAlignedError(ValueError):
+class DataError(ValueError):
+    """A dataset that cannot give what the run asks of it; reported as one line."""
+
+
+class NotPatchAlignedError(DataError):
     pass
 
 
@@ -68,6 +72,18 @@ class PatchGPTDataset(GPTDataset):
     @staticmethod
     def _key_config_attributes() -> List[str]:
         return GPTDataset._key_config_attributes() + ["patch_size", "pad_id"]
+
+    def _get_num_epochs(self, num_tokens_per_epoch: int) -> int:
+        # megatron-core loops forever when samples are requested from a split without documents.
+        if num_tokens_per_epoch == 0:
+            if self.num_samples:
+                raise DataError(
+                    f"{self.dataset.path_prefix}: the {self.index_split.name} split of --split {self.config.split} "
+                    f"has no documents ({len(self.dataset)} in the dataset) but {self.num_samples} samples are "
+                    f"needed from it; change --split or use more data"
+                )
+            return 1
+        return super()._get_num_epochs(num_tokens_per_epoch)
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
         patches, _ = self._query_document_sample_shuffle_indices(idx)  # [T+1, K]

@@ -1,0 +1,66 @@
+"""PatchGPTDataset: K-aligned samples shifted by K, and exactly GPTDataset's samples at K=1."""
+
+import numpy
+import pytest
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_patch.data.dataset import NotPatchAlignedError, build_datasets
+from megatron_patch.data.tokenizer import SentencePieceTokenizer
+
+T = 32  # positions per sample
+
+
+def _patch_datasets(corpus, tmp_path, prefix, k, samples=200):
+    tok = SentencePieceTokenizer(corpus["tokenizer"])
+    return build_datasets([corpus[prefix]], None, "90,10,0", tok, k, T, [samples, 20, 0], seed=7,
+                          pad_id=tok.pad, cache_path=str(tmp_path / "cache"), is_built_on_rank=lambda: True)
+
+
+def test_k1_reproduces_gpt_dataset(megatron_process, corpus, tmp_path):
+    ours, _, _ = _patch_datasets(corpus, tmp_path, "plain", 1)
+    config = GPTDatasetConfig(random_seed=7, sequence_length=T, blend=([corpus["plain"]], None), split="90,10,0",
+                              path_to_cache=str(tmp_path / "cache"), tokenizer=SentencePieceTokenizer(corpus["tokenizer"]),
+                              reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+                              create_attention_mask=False)
+    theirs, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [200, 20, 0], lambda: True, config).build()
+    assert len(ours) == len(theirs) > 0
+    for i in range(len(ours)):
+        a, b = ours[i], theirs[i]
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"]), i
+
+
+def test_k4_samples_are_patch_aligned_and_shifted_by_one_patch(megatron_process, corpus, tmp_path):
+    k = 4
+    tok = SentencePieceTokenizer(corpus["tokenizer"])
+    train, valid, _ = _patch_datasets(corpus, tmp_path, "aligned4", k)
+    documents = IndexedDataset(corpus["aligned4"])  # keep it alive: its items are views of its memory map
+    stream = numpy.concatenate([documents[i] for i in range(len(documents))])
+    aligned_patches = set(map(tuple, stream.reshape(-1, k).tolist()))
+    for dataset in (train, valid):
+        for i in range(len(dataset)):
+            s = dataset[i]
+            tokens, labels, mask = s["tokens"], s["labels"], s["loss_mask"]
+            assert tokens.shape == labels.shape == mask.shape == (T * k,)
+            assert torch.equal(tokens[k:], labels[:-k])  # labels of patch i = tokens of patch i+1
+            assert torch.equal(mask, (labels != tok.pad).float())
+            for row in torch.cat([tokens, labels[-k:]]).view(-1, k).tolist():
+                # Each patch is a patch of the corpus starting at a multiple of K ...
+                assert tuple(row) in aligned_patches, (i, row)
+                # ... so an EOD is only ever followed by padding up to the patch boundary.
+                if tok.eod in row:
+                    assert all(t == tok.pad for t in row[row.index(tok.eod) + 1:])
+            assert mask.sum() > 0
+
+
+def test_unaligned_dataset_is_rejected_with_a_clear_message(megatron_process, corpus, tmp_path):
+    with pytest.raises(NotPatchAlignedError, match="--patch-size 4"):
+        _patch_datasets(corpus, tmp_path, "plain", 4)
+
+
+def test_patch_size_is_part_of_the_cache_key(megatron_process, corpus, tmp_path):
+    k1, _, _ = _patch_datasets(corpus, tmp_path, "aligned4", 1)
+    k4, _, _ = _patch_datasets(corpus, tmp_path, "aligned4", 4)
+    assert k1.unique_description_hash != k4.unique_description_hash

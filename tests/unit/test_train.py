@@ -1,0 +1,110 @@
+"""The training entry point: a two-phase run on real text, the weights-only phase hand-off, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import PYTHON, TINY_MODEL_FLAGS, run
+from megatron_patch import checkpoint
+from megatron_patch.config import parse_args
+from megatron_patch.train import Trainer
+
+
+def phase_flags(corpus, out, k, seq_length, global_batch, iters, extra=()):
+    return [
+        *TINY_MODEL_FLAGS, "--patch-size", str(k), "--seq-length", str(seq_length),
+        "--micro-batch-size", str(global_batch // 2), "--global-batch-size", str(global_batch),
+        "--train-iters", str(iters), "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "3",
+        "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"],
+        "--data-cache-path", str(out / "cache"), "--split", "95,5,0", "--eval-interval", "1000",
+        "--eval-iters", "2", "--log-interval", "5", *extra,
+    ]
+
+
+def read_log(path):
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if "loss" in r], next(r["summary"] for r in records if "summary" in r)
+
+
+@pytest.fixture(scope="module")
+def two_phase(corpus, tmp_path_factory):
+    """Phase 1 (K=4, 128 tokens = 32 patches x 8 samples) then phase 2 (K=1, 32 tokens x 32 samples):
+    the same 1024 tokens per step, phase 2 starting from phase 1's weights."""
+    out = tmp_path_factory.mktemp("two_phase")
+    run([PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, out, 4, 128, 8, 40, [
+        "--save", str(out / "phase1"), "--log-json", str(out / "phase1.jsonl")])])
+    phase2 = phase_flags(corpus, out, 1, 32, 32, 40, [
+        "--pretrained-checkpoint", str(out / "phase1"), "--save", str(out / "phase2"), "--load", str(out / "phase2"),
+        "--log-json", str(out / "phase2.jsonl")])
+    result = run([PYTHON, "pretrain_patch_gpt.py", *phase2])
+    return {"out": out, "phase2_flags": phase2, "phase2_stdout": result.stdout}
+
+
+def test_loss_goes_down_in_both_phases(two_phase):
+    for phase in ("phase1", "phase2"):
+        steps, summary = read_log(two_phase["out"] / f"{phase}.jsonl")
+        assert len(steps) == 40
+        assert summary["final_train_loss"] < summary["first_train_loss"] - 0.1, (phase, summary)
+    p1 = read_log(two_phase["out"] / "phase1.jsonl")[1]
+    p2 = read_log(two_phase["out"] / "phase2.jsonl")[1]
+    # Phase 2 starts from what phase 1 learned, far below a fresh model's log(vocab) = log(1024) = 6.93.
+    assert p2["first_train_loss"] < 6.5
+    assert p1["patch_size"] == 4 and p2["patch_size"] == 1
+    assert p1["tokens"] == p2["tokens"] == 40 * 1024  # same tokens per step in both phases
+
+
+def test_phase2_starts_from_phase1_weights_with_a_fresh_optimizer(megatron_process, two_phase):
+    assert "initialised weights from" in two_phase["phase2_stdout"]
+    cfg = parse_args([f for f in two_phase["phase2_flags"]]).resolve(world_size=1)
+    cfg.load = None  # the phase-2 run's own checkpoints are not what this test is about
+    trainer = Trainer(cfg)
+    trainer.load()
+    phase1 = checkpoint.load(str(two_phase["out"] / "phase1"))
+    assert phase1["iteration"] == 40 and phase1["config"]["patch_size"] == 4
+    ours = trainer.unwrapped_model.state_dict()
+    assert ours.keys() == phase1["model"].keys()
+    for name, tensor in phase1["model"].items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(ours[name], tensor), name
+    assert len(trainer.optimizer.optimizer.state) == 0  # no Adam moments: a fresh optimizer
+    assert trainer.scheduler.num_steps == 0 and trainer.iteration == 0 and trainer.consumed_samples == 0
+
+
+def test_checkpoint_directory_has_megatron_layout_and_tracker(two_phase):
+    root = two_phase["out"] / "phase1"
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "40"
+    assert (root / "iter_0000040" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    assert not list(root.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--patch-size", "4", "--seq-length", "130"], "--seq-length 130 must be a positive multiple of --patch-size 4"),
+    (["--patch-size", "0"], "--patch-size must be >= 1"),
+    (["--data-path", "/nonexistent/prefix"], "--data-path: /nonexistent/prefix.bin does not exist"),
+    (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
+])
+def test_bad_input_is_one_clear_line_before_any_work(corpus, tmp_path, flags, message):
+    args = phase_flags(corpus, tmp_path, 4, 128, 8, 5, ["--save", str(tmp_path / "ckpt")]) + flags
+    result = run([PYTHON, "pretrain_patch_gpt.py", *args], check=False)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "cache").exists()
+
+
+def test_split_without_documents_is_a_clear_error_not_a_hang(corpus, tmp_path):
+    args = phase_flags(corpus, tmp_path, 4, 128, 8, 5) + ["--split", "999,1,0"]
+    result = run([PYTHON, "pretrain_patch_gpt.py", *args], check=False, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "the valid split of --split 999,1,0 has no documents" in lines[0], result.stderr
+
+
+def test_bf16_training_runs_and_learns(corpus, tmp_path):
+    log = tmp_path / "bf16.jsonl"
+    run([PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, 128, 8, 20, [
+        "--bf16", "--log-json", str(log)])])
+    steps, summary = read_log(log)
+    assert len(steps) == 20 and summary["final_train_loss"] < summary["first_train_loss"] - 0.1, summary

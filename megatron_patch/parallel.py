@@ -8,6 +8,7 @@ is present, otherwise CPU + gloo with the megatron-core CPU shims.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_patch.compat.cpu import apply_cpu_shims
-from megatron_patch.config import ParallelConfig
+from megatron_patch.config import ConfigError, ParallelConfig
 
 _LAUNCHER_ENV = [  # (rank, world size, local rank)
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
@@ -39,6 +40,12 @@ def launch_from_env() -> Launch:
     return Launch(0, 1, 0)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -56,7 +63,13 @@ def initialize(parallel: ParallelConfig, seed: int, launch: Launch | None = None
         backend = "gloo"
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            if launch.world_size > 1:
+                raise ConfigError(
+                    f"MASTER_PORT is not set for a {launch.world_size}-process run (torchrun and the deepspeed "
+                    "launcher set it; with srun or mpirun export MASTER_ADDR and MASTER_PORT)"
+                )
+            os.environ["MASTER_PORT"] = str(_free_port())  # a lone process: never collide with another job
         dist.init_process_group(
             backend, rank=launch.rank, world_size=launch.world_size, timeout=timedelta(minutes=10)
         )

@@ -308,10 +308,10 @@ def pretrain(cfg: TrainingConfig) -> dict:
 def main(argv=None) -> None:
     try:
         cfg = parse_args(argv).resolve(parallel.launch_from_env().world_size)
+        parallel.initialize(cfg.parallel, cfg.seed)
     except ConfigError as e:
         print(f"pretrain_patch_gpt: error: {e}", file=sys.stderr)
         sys.exit(2)
-    parallel.initialize(cfg.parallel, cfg.seed)
     try:
         pretrain(cfg)
     except DataError as e:

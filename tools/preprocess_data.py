@@ -122,12 +122,12 @@ def run(args):
     encoder = Encoder(args)
     start, docs, bad, nbytes = time.time(), 0, 0, 0
     next_log = args.log_interval
+    pool = None
     try:
         if args.workers > 1:
             pool = multiprocessing.Pool(args.workers, initializer=encoder.initializer)
             results = pool.imap(encoder.encode, read_batches(paths, args.json_keys, args.strict))
         else:
-            pool = None
             encoder.initializer()
             results = map(encoder.encode, read_batches(paths, args.json_keys, args.strict))
         for encoded, num_bad, num_bytes in results:
@@ -148,6 +148,8 @@ def run(args):
         for writer in writers.values():
             writer.finalize()
     except BaseException:
+        if pool is not None:
+            pool.terminate()
         for writer in writers.values():
             writer.abort()
         raise

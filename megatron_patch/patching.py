@@ -97,5 +97,7 @@ def patch_cross_entropy(
             f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)} with patch size {patch_size}"
         )
     targets = labels.view(batch, num_patches, patch_size).transpose(0, 1)  # [T, b, K]
-    loss = _PatchCrossEntropy.apply(logits.float(), targets.contiguous(), group)
+    # bf16/fp16 logits are upcast: the softmax and its gradient are computed in (at least) fp32.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = _PatchCrossEntropy.apply(logits, targets.contiguous(), group)
     return loss.transpose(0, 1).reshape(batch, num_patches * patch_size)

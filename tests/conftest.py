@@ -39,6 +39,29 @@ def run(cmd, check=True, env=None, timeout=600):
     return result
 
 
+def train_losses(corpus, out, k, nproc, extra=(), steps=4):
+    """Per-step (losses, grad norms) of a short run of the tiny model on `nproc` processes (torchrun when > 1)."""
+    log = out / f"k{k}_n{nproc}_{'_'.join(extra).replace('-', '')}.jsonl"
+    launcher = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+                str(free_port())] if nproc > 1 else [PYTHON]
+    run([*launcher, f"{ROOT}/pretrain_patch_gpt.py", *TINY_MODEL_FLAGS, "--patch-size", str(k),
+         "--seq-length", str(32 * k), "--micro-batch-size", "2", "--global-batch-size", "8",
+         "--train-iters", str(steps), "--lr", "3e-3", "--lr-warmup-iters", "1", "--data-path", corpus["aligned4"],
+         "--tokenizer-model", corpus["tokenizer"], "--data-cache-path", str(out / "cache"),
+         "--eval-interval", "1000", "--eval-iters", "1", "--log-json", str(log), *extra])
+    with open(log) as f:
+        records = [json.loads(line) for line in f if "loss" in json.loads(line)]
+    return [r["loss"] for r in records], [r["grad_norm"] for r in records]
+
+
+def assert_same_run(reference, other, tolerance=1e-5):
+    (ref_loss, ref_norm), (loss, norm) = reference, other
+    assert len(loss) == len(ref_loss) > 1
+    for a, b in zip(ref_loss + ref_norm, loss + norm):
+        assert abs(a - b) <= tolerance * max(1.0, abs(a)), (reference, other)
+    assert ref_loss[-1] < ref_loss[0]  # the steps really trained
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A JSONL corpus of 160 real documents, a 1000-piece tokenizer trained on it, and its datasets:

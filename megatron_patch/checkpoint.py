@@ -18,10 +18,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from megatron_patch.config import TRACKER
 
 
-def _iteration_dir(root: str, iteration: int) -> str:
+
+def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
@@ -58,7 +59,7 @@ def latest_iteration(root: Optional[str]) -> Optional[int]:
 
 def save(root: str, iteration: int, state: dict) -> str:
     """Collective: every rank calls it; returns the checkpoint directory."""
-    final = _iteration_dir(root, iteration)
+    final = iteration_dir(root, iteration)
     staging = final + ".tmp"
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -89,7 +90,7 @@ def load(root: str, iteration: Optional[int] = None) -> dict:
         iteration = latest_iteration(root)
         if iteration is None:
             raise FileNotFoundError(f"{root}: no {TRACKER}; not a checkpoint directory")
-    path = os.path.join(_iteration_dir(root, iteration), _shard_name(), "model_optim_rng.pt")
+    path = os.path.join(iteration_dir(root, iteration), _shard_name(), "model_optim_rng.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint shard missing: {path}")
     return torch.load(path, map_location="cpu", weights_only=False)

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the last complete checkpoint
+
+
 class ConfigError(ValueError):
     """A user-facing configuration mistake: reported as one line, before any work starts."""
 
@@ -40,6 +43,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None  # interleaved 1F1B when set
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # derived: model chunks per pipeline rank
 
 
 @dataclass
@@ -111,8 +116,19 @@ class TrainingConfig:
             raise ConfigError(
                 f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}"
             )
-        if p.pipeline_model_parallel_size != 1:
-            raise ConfigError("--pipeline-model-parallel-size > 1 is not supported yet")
+        if m.num_layers % p.pipeline_model_parallel_size:
+            raise ConfigError(
+                f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size "
+                f"{p.pipeline_model_parallel_size}"
+            )
+        if p.num_layers_per_virtual_pipeline_stage is not None:
+            per_stage = m.num_layers // p.pipeline_model_parallel_size
+            if p.pipeline_model_parallel_size < 2 or per_stage % p.num_layers_per_virtual_pipeline_stage:
+                raise ConfigError(
+                    f"--num-layers-per-virtual-pipeline-stage {p.num_layers_per_virtual_pipeline_stage} needs "
+                    f"--pipeline-model-parallel-size > 1 and must divide the {per_stage} layers of each stage"
+                )
+            p.virtual_pipeline_model_parallel_size = per_stage // p.num_layers_per_virtual_pipeline_stage
         model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
         if world_size % model_parallel:
             raise ConfigError(
@@ -146,6 +162,11 @@ class TrainingConfig:
             )
         if self.optim.lr_decay_iters is None:
             self.optim.lr_decay_iters = self.train_iters
+        if self.optim.lr_warmup_iters >= self.optim.lr_decay_iters:
+            raise ConfigError(
+                f"--lr-warmup-iters {self.optim.lr_warmup_iters} must be smaller than --lr-decay-iters "
+                f"{self.optim.lr_decay_iters} (default: the phase's iterations)"
+            )
         if not self.data.data_path:
             raise ConfigError("--data-path is required")
         for prefix in _blend_prefixes(self.data.data_path):
@@ -154,6 +175,8 @@ class TrainingConfig:
                     raise ConfigError(f"--data-path: {prefix}{suffix} does not exist")
         if self.data.tokenizer_model is None or not os.path.isfile(self.data.tokenizer_model):
             raise ConfigError(f"--tokenizer-model: file not found: {self.data.tokenizer_model}")
+        if self.pretrained_checkpoint and not os.path.isfile(os.path.join(self.pretrained_checkpoint, TRACKER)):
+            raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {TRACKER} there")
         if self.save_interval is not None and self.save is None:
             raise ConfigError("--save-interval needs --save")
         return self
@@ -204,6 +227,7 @@ _FLAGS = [
     ("--norm-epsilon", "model.norm_epsilon", dict(type=float)),
     ("--tensor-model-parallel-size", "parallel.tensor_model_parallel_size", dict(type=int)),
     ("--pipeline-model-parallel-size", "parallel.pipeline_model_parallel_size", dict(type=int)),
+    ("--num-layers-per-virtual-pipeline-stage", "parallel.num_layers_per_virtual_pipeline_stage", dict(type=int)),
     ("--data-path", "data.data_path", dict(nargs="+")),
     ("--split", "data.split", dict()),
     ("--tokenizer-model", "data.tokenizer_model", dict()),

@@ -14,6 +14,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from megatron_patch.compat.cpu import pipeline_p2p_settings
 from megatron_patch.config import ModelConfig, ParallelConfig
 from megatron_patch.patching import patch_cross_entropy, patch_position_ids, patchify
 
@@ -70,13 +71,13 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,
         # Same initial weights on any device and any tensor-parallel size.
         use_cpu_initialization=True,
-        # p2p synchronisation calls torch.cuda.synchronize; batched isend/irecv waits are enough.
-        batch_p2p_sync=torch.cuda.is_available(),
+        **pipeline_p2p_settings(),
     )
 
 
@@ -86,17 +87,19 @@ def build_model(
     vocab_size: int,
     patch_size: int,
     bf16: bool = False,
-    pre_process: bool = True,
-    post_process: bool = True,
+    vp_stage: int | None = None,
 ) -> PatchGPTModel:
+    """The model chunk this rank holds (the whole model without pipeline parallelism; chunk `vp_stage` of this
+    pipeline stage with interleaving)."""
     config = transformer_config(model, parallel, bf16)
     return PatchGPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization=model.normalization),
         vocab_size=vocab_size,
         max_sequence_length=model.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         position_embedding_type=model.position_embedding_type,
         rotary_base=model.rotary_base,

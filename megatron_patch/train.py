@@ -28,7 +28,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron_patch import checkpoint, parallel
+from megatron_patch import checkpoint, parallel, reshard
 from megatron_patch.config import ConfigError, TrainingConfig, parse_args, parse_blend, to_dict
 from megatron_patch.data.dataset import DataError, build_datasets
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
@@ -101,17 +101,24 @@ class Trainer:
         tp = cfg.parallel.tensor_model_parallel_size
         self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, tp)
-        model = build_model(cfg.model, cfg.parallel, self.vocab_size, cfg.patch_size, bf16=cfg.bf16)
-        model = model.to(parallel.device())
-        self.config = model.config
-        if cfg.bf16:
-            model = Float16Module(model.config, model)
-        self.model = DistributedDataParallel(
-            self.config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
-            model,
-        )
-        self.config.no_sync_func = self.model.no_sync
+        # One chunk per rank; with interleaved pipelining, one per virtual stage. Each is wrapped in DDP.
+        self.chunks = []
+        for vp_stage in range(cfg.parallel.virtual_pipeline_model_parallel_size or 1):
+            chunk = build_model(
+                cfg.model, cfg.parallel, self.vocab_size, cfg.patch_size, bf16=cfg.bf16,
+                vp_stage=vp_stage if cfg.parallel.virtual_pipeline_model_parallel_size else None,
+            ).to(parallel.device())
+            self.config = chunk.config
+            if cfg.bf16:
+                chunk = Float16Module(chunk.config, chunk)
+            self.chunks.append(DistributedDataParallel(
+                self.config,
+                DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+                chunk,
+                disable_bucketing=vp_stage > 0,  # as Megatron-LM: one bucket per rank is enough off the first chunk
+            ))
+        no_sync = [chunk.no_sync for chunk in self.chunks]
+        self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.config.finalize_model_grads_func = finalize_model_grads
         o = cfg.optim
         self.optimizer = get_megatron_optimizer(
@@ -127,7 +134,7 @@ class Trainer:
                 bf16=cfg.bf16,
                 params_dtype=self.config.params_dtype,
             ),
-            [self.model],
+            self.chunks,
         )
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -146,14 +153,15 @@ class Trainer:
         self.consumed_samples = 0
 
     @property
-    def unwrapped_model(self) -> PatchGPTModel:
-        model = self.model.module
-        return model.module if isinstance(model, Float16Module) else model
+    def models(self) -> list[PatchGPTModel]:
+        """The PatchGPTModel chunks of this rank, unwrapped from DDP (and Float16Module)."""
+        unwrapped = [chunk.module for chunk in self.chunks]
+        return [m.module if isinstance(m, Float16Module) else m for m in unwrapped]
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "model": self.unwrapped_model.state_dict(),
+            **{_model_key(i, len(self.models)): m.state_dict() for i, m in enumerate(self.models)},
             "optimizer": self.optimizer.state_dict(),
             "opt_param_scheduler": self.scheduler.state_dict(),
             "iteration": self.iteration,
@@ -166,33 +174,38 @@ class Trainer:
         """Resume from --load if it holds a checkpoint; else take weights only from --pretrained-checkpoint."""
         if checkpoint.latest_iteration(self.cfg.load) is not None:
             state = checkpoint.load(self.cfg.load)
-            self.unwrapped_model.load_state_dict(state["model"])
+            self._load_models(state)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["opt_param_scheduler"])
             self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
             torch.set_rng_state(state["rng_state"]["torch"])
             log(f"resumed from {self.cfg.load} at iteration {self.iteration}")
         elif self.cfg.pretrained_checkpoint:
-            state = checkpoint.load(self.cfg.pretrained_checkpoint)
-            self.load_weights(state["model"])
-            log(f"initialised weights from {self.cfg.pretrained_checkpoint} (iteration {state['iteration']}); "
-                f"fresh optimizer and LR schedule")
+            root = self.cfg.pretrained_checkpoint
+            iteration = checkpoint.latest_iteration(root)
+            # Weights only, resharded from whatever layout wrote them.
+            sharding = {k: v for m in self.models for k, v in reshard.sharding_of(m).items()}
+            full = reshard.full_state_dict(checkpoint.iteration_dir(root, iteration), sharding)
+            for model in self.models:
+                reshard.load_into(model, full)
+            # The optimizer may keep its own (fp32 master) copy of the parameters: refresh it from the model.
+            self.optimizer.reload_model_params()
+            log(f"initialised weights from {root} (iteration {iteration}); fresh optimizer and LR schedule")
 
-    def load_weights(self, model_state: dict) -> None:
-        self.unwrapped_model.load_state_dict(model_state)
-        # The optimizer may keep its own (fp32 master) copy of the parameters: refresh it from the model.
-        self.optimizer.reload_model_params()
+    def _load_models(self, state: dict) -> None:
+        for i, model in enumerate(self.models):
+            model.load_state_dict(state[_model_key(i, len(self.models))])
 
     def save(self) -> None:
         path = checkpoint.save(self.cfg.save, self.iteration, self.state_dict())
         log(f"saved checkpoint {path}")
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def _run_batches(self, data_iterator, num_microbatches: int, forward_only: bool):
+    def _run_batches(self, data_iterators, num_microbatches: int, forward_only: bool):
         losses = get_forward_backward_func()(
             forward_step_func=_forward_step,
-            data_iterator=data_iterator,
-            model=[self.model],
+            data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
+            model=self.chunks,
             num_microbatches=num_microbatches,
             seq_length=self.cfg.num_patches,
             micro_batch_size=self.cfg.micro_batch_size,
@@ -209,10 +222,16 @@ class Trainer:
         dp = parallel_state.get_data_parallel_world_size()
         return self.cfg.global_batch_size // (self.cfg.micro_batch_size * dp)
 
-    def train_step(self, data_iterator) -> dict:
-        self.model.zero_grad_buffer()
+    def data_iterators(self, dataset, consumed_samples: int) -> list:
+        """One iterator per model chunk over the same samples: each chunk of an interleaved pipeline reads
+        every micro-batch (the first stage for tokens, the last for labels)."""
+        return [_loader(dataset, consumed_samples, self.cfg) for _ in self.chunks]
+
+    def train_step(self, data_iterators) -> dict:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = self._run_batches(data_iterator, self.num_microbatches, forward_only=False)
+        loss = self._run_batches(data_iterators, self.num_microbatches, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(increment=1)
@@ -222,10 +241,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, dataset) -> float:
-        self.model.eval()
-        data = _loader(dataset, 0, self.cfg)
-        loss = self._run_batches(data, self.num_microbatches * self.cfg.eval_iters, forward_only=True)
-        self.model.train()
+        for chunk in self.chunks:
+            chunk.eval()
+        loss = self._run_batches(self.data_iterators(dataset, 0), self.num_microbatches * self.cfg.eval_iters,
+                                 forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
         return loss
 
 
@@ -236,6 +257,11 @@ def _num_samples(cfg: TrainingConfig):
         evals * cfg.eval_iters * cfg.global_batch_size,
         0,  # the test split is never read during training
     ]
+
+
+def _model_key(index: int, num_chunks: int) -> str:
+    """Megatron-LM's checkpoint keys: `model`, or `model0`, `model1`, ... with interleaved pipelining."""
+    return "model" if num_chunks == 1 else f"model{index}"
 
 
 def _mean(values):
@@ -251,7 +277,7 @@ def pretrain(cfg: TrainingConfig) -> dict:
         prefixes, weights, cfg.data.split, trainer.tokenizer, cfg.patch_size, cfg.num_patches,
         _num_samples(cfg), cfg.seed, trainer.tokenizer.pad, cfg.data.data_cache_path, lambda: True,
     )
-    data = _loader(train_ds, trainer.consumed_samples, cfg)
+    data = trainer.data_iterators(train_ds, trainer.consumed_samples)
     log(f"phase: patch size K={cfg.patch_size}, {cfg.seq_length} tokens = {cfg.num_patches} positions per "
         f"sample, {cfg.global_batch_size} samples = {cfg.tokens_per_step} tokens per step, "
         f"{cfg.train_iters} iterations, world size {dist.get_world_size()}")

@@ -3,6 +3,7 @@ SentencePiece model, tiny model configs, and megatron-core initialised in this p
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -39,9 +40,12 @@ def run(cmd, check=True, env=None, timeout=600):
     return result
 
 
+_RUN_IDS = itertools.count()
+
+
 def train_losses(corpus, out, k, nproc, extra=(), steps=4):
     """Per-step (losses, grad norms) of a short run of the tiny model on `nproc` processes (torchrun when > 1)."""
-    log = out / f"k{k}_n{nproc}_{'_'.join(extra).replace('-', '')}.jsonl"
+    log = out / f"run{next(_RUN_IDS)}.jsonl"
     launcher = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
                 str(free_port())] if nproc > 1 else [PYTHON]
     run([*launcher, f"{ROOT}/pretrain_patch_gpt.py", *TINY_MODEL_FLAGS, "--patch-size", str(k),

@@ -55,6 +55,13 @@ def cuda_factories_make_cpu_tensors():
         setattr(torch, name, to_cpu(getattr(torch, name)))
 
 
+@_shim
+def tensor_cuda_stays_on_cpu():
+    """Tied embeddings with pipeline parallelism move the last stage's copy with `weight.data.cuda()` before
+    all-reducing it with the first stage's."""
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
 @contextlib.contextmanager
 def _cuda_rng_is_cpu_rng():
     saved = torch.cuda.get_rng_state, torch.cuda.manual_seed
@@ -137,6 +144,20 @@ def optimizer_accepts_cpu_tensors():
     optimizer.clip_grad_by_total_norm_fp32 = clipped
     for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
         cls.__init__ = _reporting_cuda_types(cls.__init__)
+
+
+def pipeline_p2p_settings() -> dict:
+    """TransformerConfig settings for pipeline point-to-point communication on gloo (empty with CUDA).
+
+    - batch_p2p_sync synchronises with torch.cuda.synchronize(); waiting on the requests is enough here.
+    - batch_p2p_comm batches isend/irecv; on gloo with two pipeline ranks the activations sent "next" and the
+      gradients sent "prev" travel between the same pair of ranks and can land in each other's buffers (silently
+      wrong losses with interleaved pipelining). The unbatched path orders them by rank parity and separates the
+      two directions onto two process groups.
+    """
+    if torch.cuda.is_available():
+        return {}
+    return {"batch_p2p_sync": False, "batch_p2p_comm": False}
 
 
 def apply_cpu_shims() -> list[str]:

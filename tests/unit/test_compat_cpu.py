@@ -1,11 +1,14 @@
 """Each CPU shim is needed (megatron-core fails without it) and none is applied when CUDA is present."""
 
+import tempfile
+
 import pytest
 
-from conftest import PYTHON, run
+from conftest import PYTHON, ROOT, free_port, run
 from megatron_patch.compat.cpu import SKIP_ENV, _SHIMS
 
-# One optimizer step of a tiny model through megatron-core's DDP, Adam with clipping, and its schedule.
+# One optimizer step of a tiny 2-stage pipeline (tied embeddings, RoPE, dropout) through megatron-core's DDP,
+# Adam with clipping, and its 1F1B schedule, on two processes.
 PROBE = """
 from megatron_patch import parallel
 from megatron_patch.config import ModelConfig, ParallelConfig
@@ -14,10 +17,11 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-parallel.initialize(ParallelConfig(), seed=1)
-cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, max_position_embeddings=16,
+layout = ParallelConfig(pipeline_model_parallel_size=2)
+parallel.initialize(layout, seed=1)
+cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2, max_position_embeddings=16,
                   position_embedding_type="rope", hidden_dropout=0.1, attention_dropout=0.1)
-model = build_model(cfg, ParallelConfig(), 64, patch_size=2)
+model = build_model(cfg, layout, 64, patch_size=2)
 ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
 opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, min_lr=0.0, clip_grad=1e-3), [ddp])
 tokens = torch.randint(0, 64, (2, 16))
@@ -32,12 +36,16 @@ print("PROBE OK")
 
 
 def _probe(skip=""):
-    return run([PYTHON, "-c", PROBE], check=False, env={SKIP_ENV: skip}, timeout=300)
+    with tempfile.NamedTemporaryFile("w", suffix=".py") as script:
+        script.write(PROBE)
+        script.flush()
+        return run([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                    script.name], check=False, env={SKIP_ENV: skip, "PYTHONPATH": ROOT}, timeout=300)
 
 
 def test_megatron_core_trains_on_cpu_with_the_shims():
     result = _probe()
-    assert result.returncode == 0 and "PROBE OK" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and result.stdout.count("PROBE OK") == 2, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("shim", sorted(_SHIMS))
@@ -50,13 +58,15 @@ def test_each_shim_is_needed(shim):
 def test_no_shim_is_applied_when_cuda_is_available():
     code = (
         "import torch; torch.cuda.is_available = lambda: True\n"
-        "zeros, current_device, tensor_type = torch.zeros, torch.cuda.current_device, torch.Tensor.type\n"
+        "zeros, current_device, tensor_type, to_cuda = (torch.zeros, torch.cuda.current_device, torch.Tensor.type,\n"
+        "                                            torch.Tensor.cuda)\n"
         "from megatron_patch.compat.cpu import apply_cpu_shims\n"
         "from megatron.core.tensor_parallel import random\n"
         "tracker = random.CudaRNGStatesTracker\n"
         "assert apply_cpu_shims() == []\n"
         "assert torch.zeros is zeros and torch.cuda.current_device is current_device\n"
         "assert torch.Tensor.type is tensor_type and random.CudaRNGStatesTracker is tracker\n"
+        "assert torch.Tensor.cuda is to_cuda\n"
         "print('UNTOUCHED')\n"
     )
     assert "UNTOUCHED" in run([PYTHON, "-c", code]).stdout

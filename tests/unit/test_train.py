@@ -63,7 +63,8 @@ def test_phase2_starts_from_phase1_weights_with_a_fresh_optimizer(megatron_proce
     trainer.load()
     phase1 = checkpoint.load(str(two_phase["out"] / "phase1"))
     assert phase1["iteration"] == 40 and phase1["config"]["patch_size"] == 4
-    ours = trainer.unwrapped_model.state_dict()
+    (model,) = trainer.models
+    ours = model.state_dict()
     assert ours.keys() == phase1["model"].keys()
     for name, tensor in phase1["model"].items():
         if isinstance(tensor, torch.Tensor):

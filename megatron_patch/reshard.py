@@ -1,0 +1,114 @@
+"""Moving model weights between parallel layouts (TP x PP x virtual PP).
+
+A checkpoint written with one layout is assembled into full, unsharded tensors under GLOBAL names (layer indices
+counted over the whole model), and each rank of the new layout takes its slice. Used by the phase hand-off
+(`--pretrained-checkpoint` from a run with another layout) and by the parity tests (identical starting weights in
+every layout). megatron-core splits a tensor-parallel weight of stride s into s*TP pieces along its partition
+dimension and gives rank r the pieces r, r+TP, ... (SwiGLU's fused gate/up weight has stride 2).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")  # padded to a multiple of 128 * TP
+
+
+def _renumber(name: str, offset: int) -> str:
+    return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+
+
+def _layout_key(name: str) -> str:
+    """The name with its layer index removed: every layer has the same sharding."""
+    return _LAYER.sub("decoder.layers.N.", name)
+
+
+def _source_layer_offset(num_layers: int, pp: int, vpp: int | None, pp_rank: int, chunk: int) -> int:
+    if vpp is None:
+        return pp_rank * num_layers // pp
+    per_virtual_stage = num_layers // (pp * vpp)
+    return chunk * num_layers // vpp + pp_rank * per_virtual_stage
+
+
+def sharding_of(model) -> dict:
+    """layout key -> (partition_dim, stride) for the tensor-parallel parameters of a model chunk."""
+    return {
+        _layout_key(name): (p.partition_dim, getattr(p, "partition_stride", 1))
+        for name, p in model.named_parameters()
+        if getattr(p, "tensor_model_parallel", False)
+    }
+
+
+def _merge(shards, dim: int, stride: int) -> torch.Tensor:
+    tp = len(shards)
+    pieces = [shard.chunk(stride, dim) for shard in shards]
+    return torch.cat([pieces[i % tp][i // tp] for i in range(stride * tp)], dim)
+
+
+def _split(full: torch.Tensor, dim: int, stride: int, rank: int, tp: int) -> torch.Tensor:
+    return torch.cat(full.chunk(stride * tp, dim)[rank::tp], dim)
+
+
+def _fit_vocab_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Vocabulary padding depends on TP size; the padded rows are never a target, so cut or zero-extend them."""
+    if tensor.size(0) >= rows:
+        return tensor[:rows]
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])])
+
+
+def full_state_dict(checkpoint_dir: str, sharding: dict) -> dict:
+    """All shards of one checkpoint iteration directory merged into unsharded tensors with global names."""
+    shard_dirs = sorted(glob.glob(os.path.join(checkpoint_dir, "mp_rank_*")))
+    if not shard_dirs:
+        raise FileNotFoundError(f"{checkpoint_dir}: no mp_rank_* shards")
+    by_tp: dict = {}  # global name -> {tp_rank: tensor}
+    for shard_dir in shard_dirs:
+        ranks = os.path.basename(shard_dir).split("_")[2:]
+        tp_rank, pp_rank = int(ranks[0]), int(ranks[1]) if len(ranks) > 1 else 0
+        state = torch.load(os.path.join(shard_dir, "model_optim_rng.pt"), map_location="cpu", weights_only=False)
+        parallel, num_layers = state["config"]["parallel"], state["config"]["model"]["num_layers"]
+        chunk_keys = sorted(k for k in state if re.fullmatch(r"model\d*", k))
+        for chunk, key in enumerate(chunk_keys):
+            offset = _source_layer_offset(num_layers, parallel["pipeline_model_parallel_size"],
+                                          parallel["virtual_pipeline_model_parallel_size"], pp_rank, chunk)
+            for name, tensor in state[key].items():
+                if isinstance(tensor, torch.Tensor):
+                    by_tp.setdefault(_renumber(name, offset), {})[tp_rank] = tensor
+    full = {}
+    for name, shards in by_tp.items():
+        ordered = [shards[r] for r in sorted(shards)]
+        if _layout_key(name) in sharding and len(ordered) > 1:
+            full[name] = _merge(ordered, *sharding[_layout_key(name)])
+        else:
+            full[name] = ordered[0]
+    return full
+
+
+def load_into(model, full: dict) -> None:
+    """Load this rank's slice of `full` (global names, unsharded) into a model chunk."""
+    offset = get_transformer_layer_offset(model.config, model.vp_stage)
+    sharding = sharding_of(model)
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    local = model.state_dict()
+    for name, current in local.items():
+        if not isinstance(current, torch.Tensor):
+            continue
+        global_name = _renumber(name, offset)
+        if global_name not in full:
+            raise KeyError(f"checkpoint has no weight {global_name} (needed as {name} on this rank)")
+        tensor = full[global_name]
+        if name in _VOCAB_ROWS:
+            tensor = _fit_vocab_rows(tensor, current.size(0) * (tp if name in sharding else 1))
+        if _layout_key(name) in sharding:
+            tensor = _split(tensor, *sharding[_layout_key(name)], rank, tp)
+        if tensor.shape != current.shape:
+            raise ValueError(f"{global_name}: checkpoint shape {tuple(tensor.shape)} does not fit {tuple(current.shape)}")
+        local[name] = tensor
+    model.load_state_dict(local)

@@ -44,6 +44,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     num_layers_per_virtual_pipeline_stage: Optional[int] = None  # interleaved 1F1B when set
+    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over the TP group
     virtual_pipeline_model_parallel_size: Optional[int] = None  # derived: model chunks per pipeline rank
 
 
@@ -139,6 +140,11 @@ class TrainingConfig:
                 f"--num-attention-heads {m.num_attention_heads} is not divisible by "
                 f"--tensor-model-parallel-size {p.tensor_model_parallel_size}"
             )
+        if p.sequence_parallel and (p.tensor_model_parallel_size == 1 or self.num_patches % p.tensor_model_parallel_size):
+            raise ConfigError(
+                f"--sequence-parallel needs --tensor-model-parallel-size > 1 dividing the {self.num_patches} "
+                f"positions per sample (seq length / patch size)"
+            )
         data_parallel = world_size // model_parallel
         if self.global_batch_size is None:
             self.global_batch_size = self.micro_batch_size * data_parallel
@@ -228,6 +234,7 @@ _FLAGS = [
     ("--tensor-model-parallel-size", "parallel.tensor_model_parallel_size", dict(type=int)),
     ("--pipeline-model-parallel-size", "parallel.pipeline_model_parallel_size", dict(type=int)),
     ("--num-layers-per-virtual-pipeline-stage", "parallel.num_layers_per_virtual_pipeline_stage", dict(type=int)),
+    ("--sequence-parallel", "parallel.sequence_parallel", dict(action="store_true")),
     ("--data-path", "data.data_path", dict(nargs="+")),
     ("--split", "data.split", dict()),
     ("--tokenizer-model", "data.tokenizer_model", dict()),

@@ -13,6 +13,8 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_patch.compat.cpu import pipeline_p2p_settings
 from megatron_patch.config import ModelConfig, ParallelConfig
@@ -49,6 +51,30 @@ class PatchGPTModel(GPTModel):
         )
 
 
+class TorchNorm:
+    """torch LayerNorm / RMSNorm for megatron-core layer specs, also under sequence parallelism (megatron-core's
+    own torch fallback refuses it): each tensor-parallel rank then normalises its part of the sequence, and the
+    `sequence_parallel` mark makes finalize_model_grads all-reduce the norm's gradients over the group."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def layer_specs(model: ModelConfig, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
+    """megatron-core's local (non-Transformer-Engine) GPT layers; the torch norms replaced by TorchNorm unless
+    apex provides fused ones."""
+    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    norm = spec.submodules.input_layernorm
+    if norm is WrappedTorchNorm:
+        norm = TorchNorm
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage), layer_norm=norm)
+
+
 def causal_attention_mask(num_positions: int, device) -> torch.Tensor:
     """[1, 1, T, T] boolean mask, True = masked (megatron-core's convention)."""
     return torch.triu(torch.ones(num_positions, num_positions, dtype=torch.bool, device=device), 1)[None, None]
@@ -71,6 +97,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -94,7 +121,7 @@ def build_model(
     config = transformer_config(model, parallel, bf16)
     return PatchGPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=model.normalization),
+        transformer_layer_spec=layer_specs(model, config, vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -211,11 +211,17 @@ class Trainer:
             micro_batch_size=self.cfg.micro_batch_size,
             forward_only=forward_only,
         )
-        totals = torch.zeros(2, dtype=torch.float64, device=parallel.device())
-        for entry in losses:  # only the last pipeline stage gets losses
-            totals += entry["lm loss"].to(totals)
-        dist.all_reduce(totals)  # sum over data-parallel ranks (and zeros from other stages)
-        return (totals[0] / totals[1].clamp(min=1)).item()
+        # [micro-batch, data-parallel rank, (loss sum, tokens)]; only the last pipeline stage has entries, and
+        # tensor-parallel ranks hold identical ones, which leaves every ratio below unchanged.
+        sums = torch.zeros(num_microbatches, parallel_state.get_data_parallel_world_size(), 2,
+                           dtype=torch.float64, device=parallel.device())
+        for microbatch, entry in enumerate(losses):
+            sums[microbatch, parallel_state.get_data_parallel_rank()] = entry["lm loss"].to(sums)
+        dist.all_reduce(sums)
+        loss = (sums[..., 0].sum() / sums[..., 1].sum().clamp(min=1)).item()
+        # Row-major order is the global sample order: round m of rank r holds micro-batch m * DP + r.
+        per_microbatch = (sums[..., 0] / sums[..., 1].clamp(min=1)).flatten().tolist()
+        return loss, per_microbatch
 
     @property
     def num_microbatches(self) -> int:
@@ -231,20 +237,20 @@ class Trainer:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = self._run_batches(data_iterators, self.num_microbatches, forward_only=False)
+        loss, microbatch_losses = self._run_batches(data_iterators, self.num_microbatches, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed_samples += self.cfg.global_batch_size
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "microbatch_losses": microbatch_losses}
 
     @torch.no_grad()
     def evaluate(self, dataset) -> float:
         for chunk in self.chunks:
             chunk.eval()
-        loss = self._run_batches(self.data_iterators(dataset, 0), self.num_microbatches * self.cfg.eval_iters,
-                                 forward_only=True)
+        loss, _ = self._run_batches(self.data_iterators(dataset, 0), self.num_microbatches * self.cfg.eval_iters,
+                                    forward_only=True)
         for chunk in self.chunks:
             chunk.train()
         return loss

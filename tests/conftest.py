@@ -40,14 +40,16 @@ def run(cmd, check=True, env=None, timeout=600):
     return result
 
 
+# --standalone: torchrun picks a free rendezvous port itself (no race between tests choosing ports).
+TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone"]
 _RUN_IDS = itertools.count()
 
 
 def train_losses(corpus, out, k, nproc, extra=(), steps=4):
-    """Per-step (losses, grad norms) of a short run of the tiny model on `nproc` processes (torchrun when > 1)."""
+    """(per-step losses, per-step grad norms, per-micro-batch losses of every step) of a short run of the tiny
+    model on `nproc` processes (torchrun when > 1)."""
     log = out / f"run{next(_RUN_IDS)}.jsonl"
-    launcher = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-                str(free_port())] if nproc > 1 else [PYTHON]
+    launcher = [*TORCHRUN, "--nproc-per-node", str(nproc)] if nproc > 1 else [PYTHON]
     run([*launcher, f"{ROOT}/pretrain_patch_gpt.py", *TINY_MODEL_FLAGS, "--patch-size", str(k),
          "--seq-length", str(32 * k), "--micro-batch-size", "2", "--global-batch-size", "8",
          "--train-iters", str(steps), "--lr", "3e-3", "--lr-warmup-iters", "1", "--data-path", corpus["aligned4"],
@@ -55,14 +57,17 @@ def train_losses(corpus, out, k, nproc, extra=(), steps=4):
          "--eval-interval", "1000", "--eval-iters", "1", "--log-json", str(log), *extra])
     with open(log) as f:
         records = [json.loads(line) for line in f if "loss" in json.loads(line)]
-    return [r["loss"] for r in records], [r["grad_norm"] for r in records]
+    return ([r["loss"] for r in records], [r["grad_norm"] for r in records],
+            [loss for r in records for loss in r["microbatch_losses"]])
 
 
 def assert_same_run(reference, other, tolerance=1e-5):
-    (ref_loss, ref_norm), (loss, norm) = reference, other
-    assert len(loss) == len(ref_loss) > 1
-    for a, b in zip(ref_loss + ref_norm, loss + norm):
-        assert abs(a - b) <= tolerance * max(1.0, abs(a)), (reference, other)
+    """Same step losses, grad norms and per-micro-batch losses (global sample order) within `tolerance`."""
+    for ref_values, values in zip(reference, other):
+        assert len(values) == len(ref_values) > 1
+        for a, b in zip(ref_values, values):
+            assert abs(a - b) <= tolerance * max(1.0, abs(a)), (reference, other)
+    ref_loss = reference[0]
     assert ref_loss[-1] < ref_loss[0]  # the steps really trained
 
 

@@ -4,7 +4,7 @@ import tempfile
 
 import pytest
 
-from conftest import PYTHON, ROOT, free_port, run
+from conftest import PYTHON, ROOT, TORCHRUN, run
 from megatron_patch.compat.cpu import SKIP_ENV, _SHIMS
 
 # One optimizer step of a tiny 2-stage pipeline (tied embeddings, RoPE, dropout) through megatron-core's DDP,
@@ -39,8 +39,7 @@ def _probe(skip=""):
     with tempfile.NamedTemporaryFile("w", suffix=".py") as script:
         script.write(PROBE)
         script.flush()
-        return run([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-                    script.name], check=False, env={SKIP_ENV: skip, "PYTHONPATH": ROOT}, timeout=300)
+        return run([*TORCHRUN, "--nproc-per-node", "2", script.name], check=False, env={SKIP_ENV: skip, "PYTHONPATH": ROOT}, timeout=300)
 
 
 def test_megatron_core_trains_on_cpu_with_the_shims():

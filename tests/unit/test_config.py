@@ -1,0 +1,45 @@
+"""Layout and batch validation: each inconsistency is a ConfigError naming the flags, before any work."""
+
+import re
+
+import pytest
+
+from megatron_patch.config import ConfigError, parse_args
+
+
+def _args(corpus, *flags, budget=("--train-iters", "10")):
+    return ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
+            "--patch-size", "4", "--micro-batch-size", "2", *budget, "--lr-warmup-iters", "1",
+            "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"], *flags]
+
+
+@pytest.mark.parametrize("world,flags,message", [
+    (2, ["--tensor-model-parallel-size", "2", "--num-attention-heads", "3", "--hidden-size", "63"],
+     "--num-attention-heads 3 is not divisible by --tensor-model-parallel-size 2"),
+    (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "3"],
+     "--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"),
+    (3, ["--tensor-model-parallel-size", "2"], "world size 3 is not divisible by tensor x pipeline parallel size 2"),
+    (4, ["--tensor-model-parallel-size", "2", "--global-batch-size", "6"],
+     "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    (1, ["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "12"],
+     "dividing the 3 positions per sample"),
+    (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+     "must divide the 2 layers of each stage"),
+    (1, ["--lr-warmup-iters", "10"], "--lr-warmup-iters 10 must be smaller than --lr-decay-iters 10"),
+    (1, ["--train-tokens", "1000"], "give exactly one of --train-iters and --train-tokens"),
+    (1, ["--pretrained-checkpoint", "/nonexistent"], "/nonexistent: no latest_checkpointed_iteration.txt"),
+])
+def test_inconsistent_settings_are_rejected(corpus, world, flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_args(_args(corpus, *flags)).resolve(world)
+
+
+def test_derived_values(corpus):
+    cfg = parse_args(_args(corpus, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                           "--num-layers-per-virtual-pipeline-stage", "1")).resolve(8)
+    assert cfg.global_batch_size == 2 * 2  # micro-batch x data-parallel size (8 / (2 x 2))
+    assert cfg.num_patches == 32 and cfg.model.max_position_embeddings == 32
+    assert cfg.parallel.virtual_pipeline_model_parallel_size == 2
+    cfg = parse_args(_args(corpus, "--global-batch-size", "8", budget=("--train-tokens", "5000"))).resolve(1)
+    assert cfg.train_iters == 5  # ceil(5000 tokens / (8 samples x 128 tokens))

@@ -228,6 +228,16 @@ class Trainer:
         dp = parallel_state.get_data_parallel_world_size()
         return self.cfg.global_batch_size // (self.cfg.micro_batch_size * dp)
 
+    def build_datasets(self):
+        """(train, validation) PatchGPTDatasets; validation is None when --split gives it nothing."""
+        cfg = self.cfg
+        prefixes, weights = parse_blend(cfg.data.data_path)
+        train, valid, _ = build_datasets(
+            prefixes, weights, cfg.data.split, self.tokenizer, cfg.patch_size, cfg.num_patches,
+            _num_samples(cfg), cfg.seed, self.tokenizer.pad, cfg.data.data_cache_path, lambda: True,
+        )
+        return train, valid
+
     def data_iterators(self, dataset, consumed_samples: int) -> list:
         """One iterator per model chunk over the same samples: each chunk of an interleaved pipeline reads
         every micro-batch (the first stage for tokens, the last for labels)."""
@@ -278,11 +288,7 @@ def pretrain(cfg: TrainingConfig) -> dict:
     """Run one phase; returns its summary (also printed)."""
     trainer = Trainer(cfg)
     trainer.load()
-    prefixes, weights = parse_blend(cfg.data.data_path)
-    train_ds, valid_ds, _ = build_datasets(
-        prefixes, weights, cfg.data.split, trainer.tokenizer, cfg.patch_size, cfg.num_patches,
-        _num_samples(cfg), cfg.seed, trainer.tokenizer.pad, cfg.data.data_cache_path, lambda: True,
-    )
+    train_ds, valid_ds = trainer.build_datasets()
     data = trainer.data_iterators(train_ds, trainer.consumed_samples)
     log(f"phase: patch size K={cfg.patch_size}, {cfg.seq_length} tokens = {cfg.num_patches} positions per "
         f"sample, {cfg.global_batch_size} samples = {cfg.tokens_per_step} tokens per step, "

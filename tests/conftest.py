@@ -45,16 +45,24 @@ TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone"]
 _RUN_IDS = itertools.count()
 
 
+def phase_flags(corpus, out, k, extra=(), steps=4):
+    """pretrain_patch_gpt flags for a short run of the tiny model: 8 samples of 32 patches per step."""
+    return [*TINY_MODEL_FLAGS, "--patch-size", str(k), "--seq-length", str(32 * k), "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--train-iters", str(steps), "--lr", "3e-3", "--lr-warmup-iters", "1",
+            "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"],
+            "--data-cache-path", str(out / "cache"), "--eval-interval", "1000", "--eval-iters", "1", *extra]
+
+
+def launcher(nproc):
+    return [*TORCHRUN, "--nproc-per-node", str(nproc)] if nproc > 1 else [PYTHON]
+
+
 def train_losses(corpus, out, k, nproc, extra=(), steps=4):
     """(per-step losses, per-step grad norms, per-micro-batch losses of every step) of a short run of the tiny
     model on `nproc` processes (torchrun when > 1)."""
     log = out / f"run{next(_RUN_IDS)}.jsonl"
-    launcher = [*TORCHRUN, "--nproc-per-node", str(nproc)] if nproc > 1 else [PYTHON]
-    run([*launcher, f"{ROOT}/pretrain_patch_gpt.py", *TINY_MODEL_FLAGS, "--patch-size", str(k),
-         "--seq-length", str(32 * k), "--micro-batch-size", "2", "--global-batch-size", "8",
-         "--train-iters", str(steps), "--lr", "3e-3", "--lr-warmup-iters", "1", "--data-path", corpus["aligned4"],
-         "--tokenizer-model", corpus["tokenizer"], "--data-cache-path", str(out / "cache"),
-         "--eval-interval", "1000", "--eval-iters", "1", "--log-json", str(log), *extra])
+    run([*launcher(nproc), f"{ROOT}/pretrain_patch_gpt.py", *phase_flags(corpus, out, k, extra, steps),
+         "--log-json", str(log)])
     with open(log) as f:
         records = [json.loads(line) for line in f if "loss" in json.loads(line)]
     return ([r["loss"] for r in records], [r["grad_norm"] for r in records],
@@ -96,6 +104,16 @@ def corpus(tmp_path_factory):
         "aligned4": str(out / "aligned4_text_document"),
         "plain": str(out / "plain_text_document"),
     }
+
+
+@pytest.fixture(scope="session")
+def start_checkpoint(corpus, tmp_path_factory):
+    """A one-process checkpoint of a 4-layer tiny model after one step: common starting weights for layouts whose
+    fresh initialisation differs from one process (pipeline stages seed their own layers)."""
+    out = tmp_path_factory.mktemp("start")
+    train_losses(corpus, out, 4, 1, ["--num-layers", "4", "--lr-warmup-iters", "0", "--save", str(out / "ckpt")],
+                 steps=1)
+    return str(out / "ckpt")
 
 
 @pytest.fixture(scope="session")

@@ -7,17 +7,6 @@ import pytest
 
 from conftest import assert_same_run, train_losses
 
-LAYERS = ["--num-layers", "4"]
-
-
-@pytest.fixture(scope="module")
-def start(corpus, tmp_path_factory):
-    """A one-process checkpoint of a 4-layer model after one step: the common starting weights."""
-    out = tmp_path_factory.mktemp("pp_start")
-    train_losses(corpus, out, 4, 1, [*LAYERS, "--lr-warmup-iters", "0", "--save", str(out / "ckpt")], steps=1)
-    return str(out / "ckpt")
-
-
 LAYOUTS = {
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "pp2_vpp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
@@ -27,7 +16,8 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("k", [1, 4])
-def test_pipeline_layout_matches_single_process(corpus, tmp_path, start, layout, k):
+def test_pipeline_layout_matches_single_process(corpus, tmp_path, start_checkpoint, layout, k):
     nproc, flags = LAYOUTS[layout]
-    common = [*LAYERS, "--pretrained-checkpoint", start, "--micro-batch-size", "1"]  # 8 micro-batches per step
-    assert_same_run(train_losses(corpus, tmp_path, k, 1, common), train_losses(corpus, tmp_path, k, nproc, common + flags))
+    common = ["--num-layers", "4", "--pretrained-checkpoint", start_checkpoint, "--micro-batch-size", "1"]
+    assert_same_run(train_losses(corpus, tmp_path, k, 1, common),
+                    train_losses(corpus, tmp_path, k, nproc, common + flags))

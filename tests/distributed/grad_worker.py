@@ -1,0 +1,31 @@
+"""Run by torchrun (or alone) from test_pipeline_parallel.py: one forward/backward over the first global batch,
+then every rank's gradients (megatron-core's DDP main_grad) saved in checkpoint layout, so that
+reshard.full_state_dict assembles the full gradient of any layout for comparison.
+
+  grad_worker.py OUT_DIR <pretrain_patch_gpt flags>
+"""
+
+import sys
+
+import torch.distributed as dist
+
+from megatron_patch import checkpoint, parallel
+from megatron_patch.config import parse_args, to_dict
+from megatron_patch.train import Trainer, _model_key
+
+out, argv = sys.argv[1], sys.argv[2:]
+cfg = parse_args(argv).resolve(parallel.launch_from_env().world_size)
+parallel.initialize(cfg.parallel, cfg.seed)
+trainer = Trainer(cfg)
+trainer.load()
+train, _ = trainer.build_datasets()
+for chunk in trainer.chunks:
+    chunk.zero_grad_buffer()
+trainer._run_batches(trainer.data_iterators(train, 0), trainer.num_microbatches, forward_only=False)
+grads = {
+    _model_key(i, len(trainer.models)): {name: p.main_grad.detach().clone() for name, p in model.named_parameters()}
+    for i, model in enumerate(trainer.models)
+}
+checkpoint.save(out, 1, {**grads, "config": to_dict(cfg)})
+dist.barrier()
+parallel.destroy()

@@ -1,0 +1,56 @@
+"""After one forward/backward over the same global batch, every layout holds the gradient of one process:
+each parameter's full gradient (TP shards and pipeline stages reassembled) within 1e-5."""
+
+import pytest
+import torch
+
+from conftest import ROOT, launcher, phase_flags, run
+from megatron_patch import checkpoint, reshard
+from megatron_patch.config import ModelConfig, ParallelConfig
+from megatron_patch.model import build_model
+
+LAYOUTS = {
+    "dp2": (2, []),
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+    "pp2_vpp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "tp2_pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+}
+
+
+def full_gradients(corpus, out, k, nproc, flags, start, sharding):
+    flags = phase_flags(corpus, out, k, ["--num-layers", "4", "--pretrained-checkpoint", start,
+                                          "--micro-batch-size", "1", *flags])
+    run([*launcher(nproc), f"{ROOT}/tests/distributed/grad_worker.py", str(out / "grads"), *flags],
+        env={"PYTHONPATH": ROOT})
+    return reshard.full_state_dict(checkpoint.iteration_dir(str(out / "grads"), 1), sharding)
+
+
+@pytest.fixture(scope="module")
+def sharding(megatron_process):
+    model = build_model(ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=176,
+                                    max_position_embeddings=32, normalization="RMSNorm", swiglu=True,
+                                    position_embedding_type="rope", add_bias_linear=False,
+                                    untie_embeddings_and_output_weights=True), ParallelConfig(), 1024, 4)
+    return reshard.sharding_of(model)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, start_checkpoint, sharding, tmp_path_factory):
+    """One process's gradients, per patch size (computed once)."""
+    out = tmp_path_factory.mktemp("one_process")
+    return {k: full_gradients(corpus, out / f"k{k}", k, 1, [], start_checkpoint, sharding) for k in (1, 4)}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("k", [1, 4])
+def test_gradients_match_single_process(corpus, tmp_path, start_checkpoint, sharding, reference, layout, k):
+    nproc, flags = LAYOUTS[layout]
+    reference = reference[k]
+    grads = full_gradients(corpus, tmp_path / layout, k, nproc, flags, start_checkpoint, sharding)
+    assert grads.keys() == reference.keys() and len(grads) > 10
+    for name, expected in reference.items():
+        assert expected.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], expected, rtol=0, atol=1e-5 * max(1.0, expected.abs().max().item()),
+                                   msg=name)

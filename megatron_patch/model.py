@@ -115,10 +115,12 @@ def build_model(
     patch_size: int,
     bf16: bool = False,
     vp_stage: int | None = None,
+    config: TransformerConfig | None = None,
 ) -> PatchGPTModel:
     """The model chunk this rank holds (the whole model without pipeline parallelism; chunk `vp_stage` of this
-    pipeline stage with interleaving)."""
-    config = transformer_config(model, parallel, bf16)
+    pipeline stage with interleaving). Chunks of one rank must share one `config`: megatron-core's schedules
+    read their settings (no_sync_func, finalize_model_grads_func) from the first chunk's."""
+    config = config or transformer_config(model, parallel, bf16)
     return PatchGPTModel(
         config=config,
         transformer_layer_spec=layer_specs(model, config, vp_stage),

@@ -32,7 +32,7 @@ from megatron_patch import checkpoint, parallel, reshard
 from megatron_patch.config import ConfigError, TrainingConfig, parse_args, parse_blend, to_dict
 from megatron_patch.data.dataset import DataError, build_datasets
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
-from megatron_patch.model import PatchGPTModel, build_model
+from megatron_patch.model import PatchGPTModel, build_model, transformer_config
 
 VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 
@@ -102,13 +102,13 @@ class Trainer:
         self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, tp)
         # One chunk per rank; with interleaved pipelining, one per virtual stage. Each is wrapped in DDP.
+        self.config = transformer_config(cfg.model, cfg.parallel, cfg.bf16)
         self.chunks = []
         for vp_stage in range(cfg.parallel.virtual_pipeline_model_parallel_size or 1):
             chunk = build_model(
-                cfg.model, cfg.parallel, self.vocab_size, cfg.patch_size, bf16=cfg.bf16,
+                cfg.model, cfg.parallel, self.vocab_size, cfg.patch_size, config=self.config,
                 vp_stage=vp_stage if cfg.parallel.virtual_pipeline_model_parallel_size else None,
             ).to(parallel.device())
-            self.config = chunk.config
             if cfg.bf16:
                 chunk = Float16Module(chunk.config, chunk)
             self.chunks.append(DistributedDataParallel(

@@ -28,7 +28,7 @@ COMMON=(--num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-si
         --data-cache-path "$OUT/cache" --split 98,2,0 --log-interval 10 --eval-interval 1000 --eval-iters 4)
 STEP_TOKENS=8192   # the same tokens per optimizer step in both phases
 launch=($PY)
-[ "$NPROC" -gt 1 ] && launch=(.venv/bin/torchrun --nproc-per-node "$NPROC" --master-port 29611)
+[ "$NPROC" -gt 1 ] && launch=(.venv/bin/torchrun --standalone --nproc-per-node "$NPROC")
 
 echo "== phase 1: patch level, K=$K"
 "${launch[@]}" pretrain_patch_gpt.py "${COMMON[@]}" --patch-size "$K" --seq-length $((256 * K)) \

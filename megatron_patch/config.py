@@ -95,6 +95,10 @@ class TrainingConfig:
     load: Optional[str] = None  # resume from here if it holds a checkpoint
     pretrained_checkpoint: Optional[str] = None  # weights-only start (phase 2 from phase 1) when nothing to resume
     log_json: Optional[str] = None  # append one JSON line per logged step
+    # Megatron-LM's early exits; the loop then saves (with --save) and returns normally (exit code 0).
+    exit_signal_handler: bool = False  # SIGTERM / SIGUSR1 (Slurm's warning before a time limit)
+    exit_interval: Optional[int] = None  # stop after an iteration divisible by this
+    exit_duration_in_mins: Optional[float] = None  # stop after this much wall time
 
     @property
     def num_patches(self) -> int:
@@ -266,6 +270,9 @@ _FLAGS = [
     ("--load", "load", dict()),
     ("--pretrained-checkpoint", "pretrained_checkpoint", dict()),
     ("--log-json", "log_json", dict()),
+    ("--exit-signal-handler", "exit_signal_handler", dict(action="store_true")),
+    ("--exit-interval", "exit_interval", dict(type=int)),
+    ("--exit-duration-in-mins", "exit_duration_in_mins", dict(type=float)),
 ]
 
 

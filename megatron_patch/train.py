@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import signal
 import sys
 import time
 from functools import partial
@@ -275,6 +275,35 @@ def _num_samples(cfg: TrainingConfig):
     ]
 
 
+class EarlyExit:
+    """--exit-signal-handler, --exit-interval, --exit-duration-in-mins. Checked after every step; all ranks agree
+    (a signal may reach only some of them), so every rank leaves the loop after the same step."""
+
+    REASONS = ("", "received {signal}", "--exit-interval {cfg.exit_interval}",
+               "--exit-duration-in-mins {cfg.exit_duration_in_mins}")
+
+    def __init__(self, cfg: TrainingConfig):
+        self.cfg, self.started, self.signal = cfg, time.time(), None
+        if cfg.exit_signal_handler:
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def reason(self, iteration: int) -> Optional[str]:
+        cfg = self.cfg
+        code = max(
+            1 if self.signal else 0,
+            2 if cfg.exit_interval and iteration % cfg.exit_interval == 0 else 0,
+            3 if cfg.exit_duration_in_mins and time.time() - self.started > 60 * cfg.exit_duration_in_mins else 0,
+        )
+        agreed = torch.tensor([code], device=parallel.device())
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        code = int(agreed.item())
+        return self.REASONS[code].format(signal=self.signal or "a signal", cfg=cfg) if code else None
+
+
 def _model_key(index: int, num_chunks: int) -> str:
     """Megatron-LM's checkpoint keys: `model`, or `model0`, `model1`, ... with interleaved pipelining."""
     return "model" if num_chunks == 1 else f"model{index}"
@@ -295,6 +324,7 @@ def pretrain(cfg: TrainingConfig) -> dict:
         f"{cfg.train_iters} iterations, world size {dist.get_world_size()}")
     log_file = open(cfg.log_json, "a") if cfg.log_json and dist.get_rank() == 0 else None
     start_iteration, window_losses, step_times, losses = trainer.iteration, [], [], []
+    early_exit = EarlyExit(cfg)
     valid_loss = None
     while trainer.iteration < cfg.train_iters:
         started = time.perf_counter()
@@ -319,6 +349,10 @@ def pretrain(cfg: TrainingConfig) -> dict:
             log(f"iteration {trainer.iteration:6d} | validation loss {valid_loss:.4f}")
         if cfg.save and cfg.save_interval and trainer.iteration % cfg.save_interval == 0:
             trainer.save()
+        reason = early_exit.reason(trainer.iteration)
+        if reason and trainer.iteration < cfg.train_iters:
+            log(f"stopping after iteration {trainer.iteration}: {reason}")
+            break
     if cfg.save and checkpoint.latest_iteration(cfg.save) != trainer.iteration:
         trainer.save()
     if valid_ds is not None and valid_loss is None:

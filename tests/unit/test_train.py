@@ -1,11 +1,15 @@
 """The training entry point: a two-phase run on real text, the weights-only phase hand-off, and bad input."""
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 
-from conftest import PYTHON, TINY_MODEL_FLAGS, run
+from conftest import PYTHON, ROOT, TINY_MODEL_FLAGS, free_port, run
 from megatron_patch import checkpoint
 from megatron_patch.config import parse_args
 from megatron_patch.train import Trainer
@@ -109,3 +113,33 @@ def test_bf16_training_runs_and_learns(corpus, tmp_path):
         "--bf16", "--log-json", str(log)])])
     steps, summary = read_log(log)
     assert len(steps) == 20 and summary["final_train_loss"] < summary["first_train_loss"] - 0.1, summary
+
+
+def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_finishes(corpus, tmp_path):
+    ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
+    args = [PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, 128, 8, 300, [
+        "--exit-signal-handler", "--save", str(ckpt), "--load", str(ckpt), "--log-json", str(log)])]
+    env = dict(os.environ, MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    steps = read_log(log)[0]
+    stopped = steps[-1]["iteration"]
+    assert 5 <= stopped < 300 and f"stopping after iteration {stopped}: received SIGTERM" in stdout
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+    resumed = run(args)
+    assert f"resumed from {ckpt} at iteration {stopped}" in resumed.stdout
+    iterations = [s["iteration"] for s in read_log(log)[0]]
+    assert iterations == list(range(1, 301))  # every step exactly once, up to the planned count
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "300"
+
+
+def test_exit_interval_stops_after_a_divisible_iteration(corpus, tmp_path):
+    result = run([PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, 128, 8, 20, [
+        "--exit-interval", "7", "--save", str(tmp_path / "ckpt")])])
+    assert "stopping after iteration 7: --exit-interval 7" in result.stdout
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "7"

@@ -9,21 +9,20 @@ import time
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, TINY_MODEL_FLAGS, free_port, run
+from conftest import PYTHON, ROOT, free_port, run
+from conftest import phase_flags as short_run_flags
 from megatron_patch import checkpoint
 from megatron_patch.config import parse_args
 from megatron_patch.train import Trainer
 
 
 def phase_flags(corpus, out, k, seq_length, global_batch, iters, extra=()):
-    return [
-        *TINY_MODEL_FLAGS, "--patch-size", str(k), "--seq-length", str(seq_length),
-        "--micro-batch-size", str(global_batch // 2), "--global-batch-size", str(global_batch),
-        "--train-iters", str(iters), "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "3",
-        "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"],
-        "--data-cache-path", str(out / "cache"), "--split", "95,5,0", "--eval-interval", "1000",
-        "--eval-iters", "2", "--log-interval", "5", *extra,
-    ]
+    """conftest's short-run flags with this file's sizes (later occurrences of a flag win)."""
+    return short_run_flags(corpus, out, k, [
+        "--seq-length", str(seq_length), "--micro-batch-size", str(global_batch // 2),
+        "--global-batch-size", str(global_batch), "--min-lr", "3e-4", "--lr-warmup-iters", "3",
+        "--split", "95,5,0", "--eval-iters", "2", "--log-interval", "5", *extra,
+    ], steps=iters)
 
 
 def read_log(path):

@@ -40,7 +40,8 @@ def launch_from_env() -> Launch:
     return Launch(0, 1, 0)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a lone process's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -69,7 +70,7 @@ def initialize(parallel: ParallelConfig, seed: int, launch: Launch | None = None
                     f"MASTER_PORT is not set for a {launch.world_size}-process run (torchrun and the deepspeed "
                     "launcher set it; with srun or mpirun export MASTER_ADDR and MASTER_PORT)"
                 )
-            os.environ["MASTER_PORT"] = str(_free_port())  # a lone process: never collide with another job
+            os.environ["MASTER_PORT"] = str(free_port())  # a lone process: never collide with another job
         dist.init_process_group(
             backend, rank=launch.rank, world_size=launch.world_size, timeout=timedelta(minutes=10)
         )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,18 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 sys.path.insert(0, ROOT)
 
+from megatron_patch.parallel import free_port  # noqa: E402  (re-exported for the tests)
+
 # LLaMA-style tiny model used by the end-to-end tests.
 TINY_MODEL_FLAGS = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "176",
     "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope", "--disable-bias-linear",
     "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout", "0",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, check=True, env=None, timeout=600):

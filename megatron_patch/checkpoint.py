@@ -1,6 +1,7 @@
 """Checkpoints in Megatron-LM's layout, written atomically.
 
   {dir}/iter_0000100/mp_rank_00/model_optim_rng.pt     (mp_rank_TT_PPP with pipeline parallelism)
+  {dir}/iter_0000100/run.json                          (config and what the run trained on, for guards)
   {dir}/latest_checkpointed_iteration.txt              (the tracker: last COMPLETE iteration)
 
 Every model-parallel rank of data-parallel rank 0 writes its shard into `iter_N.tmp/`; after a barrier rank 0
@@ -10,16 +11,23 @@ leaves the previous checkpoint and the tracker pointing at it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_patch.config import TRACKER
+from megatron_patch.config import TRACKER, ConfigError, TrainingConfig, flag_for, to_dict
 
+RUN_FILE = "run.json"
+# What must not change under a resumed run (--load) / a phase hand-off (--pretrained-checkpoint).
+MODEL_SHAPE = ["num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "normalization", "swiglu",
+               "position_embedding_type", "rotary_base", "add_bias_linear", "untie_embeddings_and_output_weights"]
+SAMPLING = ["patch_size", "seq_length", "global_batch_size", "seed", "data.split", "data.train_data_range"]
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -57,7 +65,51 @@ def latest_iteration(root: Optional[str]) -> Optional[int]:
         raise ValueError(f"{tracker}: expected an iteration number, found {text!r}") from None
 
 
-def save(root: str, iteration: int, state: dict) -> str:
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_run(cfg: TrainingConfig, dataset_sizes: List[dict]) -> dict:
+    """The config plus fingerprints of the tokenizer and datasets (not their paths: data may move)."""
+    return {
+        "config": to_dict(cfg),
+        "tokenizer_sha256": _file_sha256(cfg.data.tokenizer_model),
+        "datasets": dataset_sizes,
+    }
+
+
+def _lookup(tree: dict, path: str):
+    for part in path.split("."):
+        tree = tree[part]
+    return list(tree) if isinstance(tree, (list, tuple)) else tree
+
+
+def check_compatible(saved: dict, current: dict, where: str, resume: bool) -> None:
+    """ConfigError naming every difference that would make a resumed run (or a phase hand-off) silently wrong."""
+    paths = [f"model.{name}" for name in MODEL_SHAPE] + (SAMPLING if resume else [])
+    diffs = [f"{p.split('.')[-1]}={_lookup(saved['config'], p)} (this run: {_lookup(current['config'], p)}, "
+             f"{flag_for(p)})" for p in paths if _lookup(saved["config"], p) != _lookup(current["config"], p)]
+    if saved["tokenizer_sha256"] != current["tokenizer_sha256"]:
+        diffs.append("a different --tokenizer-model file")
+    if resume and saved["datasets"] != current["datasets"]:
+        diffs.append(f"different --data-path datasets ({saved['datasets']} vs this run's {current['datasets']})")
+    if diffs:
+        raise ConfigError(f"{where} was trained with " + "; ".join(diffs))
+
+
+def read_run(root: str, iteration: int) -> Optional[dict]:
+    path = os.path.join(iteration_dir(root, iteration), RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save(root: str, iteration: int, state: dict, run: dict) -> str:
     """Collective: every rank calls it; returns the checkpoint directory."""
     final = iteration_dir(root, iteration)
     staging = final + ".tmp"
@@ -65,6 +117,7 @@ def save(root: str, iteration: int, state: dict) -> str:
     if rank0:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
+        _fsync_write(os.path.join(staging, RUN_FILE), json.dumps(run, indent=2, sort_keys=True))
     dist.barrier()
     if parallel_state.get_data_parallel_rank() == 0:
         shard_dir = os.path.join(staging, _shard_name())

@@ -9,7 +9,7 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the last complete checkpoint
@@ -55,6 +55,9 @@ class DataConfig:
     tokenizer_model: Optional[str] = None
     data_cache_path: Optional[str] = None
     num_workers: int = 0
+    # [start, end) fractions of the training split's tokens this phase reads (a plan gives phase 1 [0, lambda)
+    # and phase 2 [lambda, 1), so phase 2 continues on data phase 1 has not seen).
+    train_data_range: Tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass
@@ -72,6 +75,15 @@ class OptimizerConfig:
 
 
 @dataclass
+class PlanConfig:
+    """A two-phase plan (megatron_patch/plan.py) instead of a single phase: with `patch_fraction` set, the
+    TrainingConfig describes the token-level run (seq length, global batch, total tokens) that the plan splits."""
+
+    patch_fraction: Optional[float] = None  # lambda: the fraction of the token budget trained at patch level
+    phase: str = "both"  # which phases this command runs: "1", "2" or "both" (job chaining runs one at a time)
+
+
+@dataclass
 class TrainingConfig:
     """One training phase."""
 
@@ -79,6 +91,7 @@ class TrainingConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     patch_size: int = 1  # K: tokens per patch; 1 = ordinary token-level training
     seq_length: int = 1024  # tokens read per sample (K * T); the transformer runs on seq_length // K positions
     micro_batch_size: int = 1
@@ -177,6 +190,9 @@ class TrainingConfig:
                 f"--lr-warmup-iters {self.optim.lr_warmup_iters} must be smaller than --lr-decay-iters "
                 f"{self.optim.lr_decay_iters} (default: the phase's iterations)"
             )
+        start, end = self.data.train_data_range
+        if not 0.0 <= start < end <= 1.0:
+            raise ConfigError(f"--train-data-range {start} {end}: need 0 <= start < end <= 1")
         if not self.data.data_path:
             raise ConfigError("--data-path is required")
         for prefix in _blend_prefixes(self.data.data_path):
@@ -244,6 +260,7 @@ _FLAGS = [
     ("--tokenizer-model", "data.tokenizer_model", dict()),
     ("--data-cache-path", "data.data_cache_path", dict()),
     ("--num-workers", "data.num_workers", dict(type=int)),
+    ("--train-data-range", "data.train_data_range", dict(type=float, nargs=2, metavar=("START", "END"))),
     ("--lr", "optim.lr", dict(type=float)),
     ("--min-lr", "optim.min_lr", dict(type=float)),
     ("--lr-decay-style", "optim.lr_decay_style", dict(choices=["cosine", "linear", "constant"])),
@@ -273,7 +290,14 @@ _FLAGS = [
     ("--exit-signal-handler", "exit_signal_handler", dict(action="store_true")),
     ("--exit-interval", "exit_interval", dict(type=int)),
     ("--exit-duration-in-mins", "exit_duration_in_mins", dict(type=float)),
+    ("--patch-fraction", "plan.patch_fraction", dict(type=float)),
+    ("--phase", "plan.phase", dict(choices=["1", "2", "both"])),
 ]
+
+
+def flag_for(path: str) -> str:
+    """The command-line flag of a config field (`model.hidden_size` -> `--hidden-size`)."""
+    return next((flag for flag, field_path, _ in _FLAGS if field_path == path), path)
 
 
 def _get(obj, path):

@@ -8,10 +8,12 @@ is present, otherwise CPU + gloo with the megatron-core CPU shims.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -79,9 +81,37 @@ def initialize(parallel: ParallelConfig, seed: int, launch: Launch | None = None
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
     )
+    seed_everything(seed)
+    return launch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the default generators and megatron-core's model-parallel RNG tracker (each TP rank its own
+    stream for dropout inside tensor-parallel regions)."""
+    random.seed(seed)
+    numpy.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return launch
+
+
+def rng_states() -> dict:
+    """Every RNG a training step draws from, for checkpoints (resume must continue the same streams)."""
+    return {
+        "random": random.getstate(),
+        "numpy": numpy.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["random"])
+    numpy.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
 
 
 def destroy() -> None:

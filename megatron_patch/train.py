@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
@@ -28,7 +30,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron_patch import checkpoint, parallel, reshard
+from megatron_patch import checkpoint, parallel, plan, reshard
 from megatron_patch.config import ConfigError, TrainingConfig, parse_args, parse_blend, to_dict
 from megatron_patch.data.dataset import DataError, build_datasets
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
@@ -40,6 +42,22 @@ VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
     multiple = VOCAB_DIVISIBLE_BY * tensor_parallel_size
     return -(-vocab_size // multiple) * multiple
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm: the run stops without saving, the last good checkpoint stays."""
+
+
+def dataset_sizes(data_path) -> list:
+    """Fingerprint of the --data-path blend: weight, documents and tokens of each dataset."""
+    prefixes, weights = parse_blend(data_path)
+    sizes = []
+    for i, prefix in enumerate(prefixes):
+        dataset = IndexedDataset(prefix)  # keep it alive: its lengths are a view of its memory map
+        lengths = dataset.sequence_lengths
+        sizes.append({"weight": weights[i] if weights else None, "documents": int(lengths.size),
+                      "tokens": int(lengths.sum(dtype="int64"))})
+    return sizes
 
 
 def log(message: str) -> None:
@@ -151,6 +169,7 @@ class Trainer:
         )
         self.iteration = 0
         self.consumed_samples = 0
+        self.run_description = checkpoint.describe_run(cfg, dataset_sizes(cfg.data.data_path))
 
     @property
     def models(self) -> list[PatchGPTModel]:
@@ -167,22 +186,25 @@ class Trainer:
             "iteration": self.iteration,
             "consumed_samples": self.consumed_samples,
             "config": to_dict(self.cfg),
-            "rng_state": {"torch": torch.get_rng_state()},
+            "rng_state": parallel.rng_states(),
         }
 
     def load(self) -> None:
         """Resume from --load if it holds a checkpoint; else take weights only from --pretrained-checkpoint."""
-        if checkpoint.latest_iteration(self.cfg.load) is not None:
-            state = checkpoint.load(self.cfg.load)
+        resume_at = checkpoint.latest_iteration(self.cfg.load)
+        if resume_at is not None:
+            self._check_compatible(self.cfg.load, resume_at, resume=True)
+            state = checkpoint.load(self.cfg.load, resume_at)
             self._load_models(state)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["opt_param_scheduler"])
             self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
-            torch.set_rng_state(state["rng_state"]["torch"])
+            parallel.set_rng_states(state["rng_state"])
             log(f"resumed from {self.cfg.load} at iteration {self.iteration}")
         elif self.cfg.pretrained_checkpoint:
             root = self.cfg.pretrained_checkpoint
             iteration = checkpoint.latest_iteration(root)
+            self._check_compatible(root, iteration, resume=False)
             # Weights only, resharded from whatever layout wrote them.
             sharding = {k: v for m in self.models for k, v in reshard.sharding_of(m).items()}
             full = reshard.full_state_dict(checkpoint.iteration_dir(root, iteration), sharding)
@@ -192,12 +214,18 @@ class Trainer:
             self.optimizer.reload_model_params()
             log(f"initialised weights from {root} (iteration {iteration}); fresh optimizer and LR schedule")
 
+    def _check_compatible(self, root: str, iteration: int, resume: bool) -> None:
+        saved = checkpoint.read_run(root, iteration)
+        flag = "--load" if resume else "--pretrained-checkpoint"
+        if saved is not None:
+            checkpoint.check_compatible(saved, self.run_description, f"{flag} {root} (iteration {iteration})", resume)
+
     def _load_models(self, state: dict) -> None:
         for i, model in enumerate(self.models):
             model.load_state_dict(state[_model_key(i, len(self.models))])
 
     def save(self) -> None:
-        path = checkpoint.save(self.cfg.save, self.iteration, self.state_dict())
+        path = checkpoint.save(self.cfg.save, self.iteration, self.state_dict(), self.run_description)
         log(f"saved checkpoint {path}")
 
     # -- steps -----------------------------------------------------------------------------------------------
@@ -235,6 +263,7 @@ class Trainer:
         train, valid, _ = build_datasets(
             prefixes, weights, cfg.data.split, self.tokenizer, cfg.patch_size, cfg.num_patches,
             _num_samples(cfg), cfg.seed, self.tokenizer.pad, cfg.data.data_cache_path, lambda: True,
+            cfg.data.train_data_range,
         )
         return train, valid
 
@@ -248,12 +277,22 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss, microbatch_losses = self._run_batches(data_iterators, self.num_microbatches, forward_only=False)
+        self._stop_if_diverged("loss", loss)  # before the update: the weights in memory stay the last good ones
         _, grad_norm, _ = self.optimizer.step()
+        self._stop_if_diverged("gradient norm", grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed_samples += self.cfg.global_batch_size
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "microbatch_losses": microbatch_losses}
+
+    def _stop_if_diverged(self, what: str, value: float) -> None:
+        if value is None or math.isfinite(value):
+            return
+        last = checkpoint.latest_iteration(self.cfg.save)
+        kept = (f"the last good checkpoint, {checkpoint.iteration_dir(self.cfg.save, last)}, is kept (resume "
+                f"from it with --load, e.g. with a lower --lr)") if last is not None else "no checkpoint was saved"
+        raise TrainingDiverged(f"{what} is {value} at iteration {self.iteration + 1}; stopped without saving: {kept}")
 
     @torch.no_grad()
     def evaluate(self, dataset) -> float:
@@ -315,6 +354,7 @@ def _mean(values):
 
 def pretrain(cfg: TrainingConfig) -> dict:
     """Run one phase; returns its summary (also printed)."""
+    parallel.seed_everything(cfg.seed)  # a phase run after another starts exactly as if run alone
     trainer = Trainer(cfg)
     trainer.load()
     train_ds, valid_ds = trainer.build_datasets()
@@ -322,7 +362,10 @@ def pretrain(cfg: TrainingConfig) -> dict:
     log(f"phase: patch size K={cfg.patch_size}, {cfg.seq_length} tokens = {cfg.num_patches} positions per "
         f"sample, {cfg.global_batch_size} samples = {cfg.tokens_per_step} tokens per step, "
         f"{cfg.train_iters} iterations, world size {dist.get_world_size()}")
-    log_file = open(cfg.log_json, "a") if cfg.log_json and dist.get_rank() == 0 else None
+    log_file = None
+    if cfg.log_json and dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.log_json)), exist_ok=True)
+        log_file = open(cfg.log_json, "a")
     start_iteration, window_losses, step_times, losses = trainer.iteration, [], [], []
     early_exit = EarlyExit(cfg)
     valid_loss = None
@@ -330,8 +373,6 @@ def pretrain(cfg: TrainingConfig) -> dict:
         started = time.perf_counter()
         stats = trainer.train_step(data)
         step_times.append(time.perf_counter() - started)
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"loss is {stats['loss']} at iteration {trainer.iteration}")
         window_losses.append(stats["loss"])
         losses.append(stats["loss"])
         stats.update(iteration=trainer.iteration, tokens_per_sec=cfg.tokens_per_step / step_times[-1],
@@ -377,18 +418,36 @@ def pretrain(cfg: TrainingConfig) -> dict:
     return summary
 
 
+def _fail(error: Exception, code: int):
+    print(f"pretrain_patch_gpt: error: {error}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv=None) -> None:
+    """One phase, or with --patch-fraction a two-phase plan (both phases, or the one --phase names)."""
     try:
-        cfg = parse_args(argv).resolve(parallel.launch_from_env().world_size)
-        parallel.initialize(cfg.parallel, cfg.seed)
+        cfg = parse_args(argv)
+        world_size = parallel.launch_from_env().world_size
+        if cfg.plan.patch_fraction is None:
+            phases, the_plan = [cfg.resolve(world_size)], None
+        else:
+            the_plan = plan.make_plan(cfg)
+            phases = plan.selected_phases(cfg, the_plan, world_size)
+        parallel.initialize(phases[0].parallel, cfg.seed)
     except ConfigError as e:
-        print(f"pretrain_patch_gpt: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e, 2)
     try:
-        pretrain(cfg)
-    except DataError as e:
-        print(f"pretrain_patch_gpt: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if the_plan:
+            log(the_plan.describe())
+        for phase in phases:
+            if the_plan and checkpoint.latest_iteration(phase.save) == phase.train_iters:
+                log(f"{phase.save}: already complete at iteration {phase.train_iters}, skipped")
+                continue
+            pretrain(phase)
+    except (ConfigError, DataError) as e:
+        _fail(e, 2)
+    except TrainingDiverged as e:
+        _fail(e, 1)
     finally:
         parallel.destroy()
 

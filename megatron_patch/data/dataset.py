@@ -5,18 +5,22 @@ n/K patches. GPTDataset's sample machinery (shuffling, epochs, sample index, cac
 patches unchanged: a sample is T+1 consecutive patches starting at a patch boundary, tokens = its first T
 patches and labels = its last T patches, i.e. the labels of patch i are the K tokens of patch i+1.
 For K=1 this is exactly GPTDataset's sample.
+
+The two phases of a plan read disjoint parts of the training split (`train_data_range`): phase 1 the documents
+holding the first lambda of its tokens, phase 2 the rest, so phase 2 continues on data phase 1 has not seen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import Split
 
 
 class DataError(ValueError):
@@ -61,9 +65,28 @@ class PatchGPTDatasetConfig(GPTDatasetConfig):
     pad_id: int = -1
     """Id of the alignment padding written by preprocessing; labels equal to it get no loss."""
 
+    train_data_range: Tuple[float, float] = (0.0, 1.0)
+    """[start, end) as fractions of the training split's tokens; a document belongs to the range its first
+    token falls in. Validation and test splits are never restricted."""
+
+
+def documents_in_range(indices: numpy.ndarray, lengths: numpy.ndarray, start: float, end: float) -> numpy.ndarray:
+    """The documents of `indices` whose first token lies in [start, end) of their total length: consecutive
+    ranges partition the documents, so phases given [0, l) and [l, 1) never share one."""
+    sizes = lengths[indices].astype(numpy.int64)
+    total = max(int(sizes.sum()), 1)
+    first_token = numpy.concatenate([[0], numpy.cumsum(sizes)[:-1]]) / total
+    return indices[(first_token >= start) & (first_token < end)]
+
 
 class PatchGPTDataset(GPTDataset):
     config: PatchGPTDatasetConfig
+
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
+        if index_split == Split.train and tuple(config.train_data_range) != (0.0, 1.0):
+            indexed_indices = documents_in_range(indexed_indices, indexed_dataset.sequence_lengths,
+                                                 *config.train_data_range)
+        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: PatchGPTDatasetConfig) -> PatchView:
@@ -71,7 +94,7 @@ class PatchGPTDataset(GPTDataset):
 
     @staticmethod
     def _key_config_attributes() -> List[str]:
-        return GPTDataset._key_config_attributes() + ["patch_size", "pad_id"]
+        return GPTDataset._key_config_attributes() + ["patch_size", "pad_id", "train_data_range"]
 
     def _get_num_epochs(self, num_tokens_per_epoch: int) -> int:
         # megatron-core loops forever when samples are requested from a split without documents.
@@ -106,6 +129,7 @@ def build_datasets(
     pad_id: int,
     cache_path: Optional[str],
     is_built_on_rank,
+    train_data_range: Tuple[float, float] = (0.0, 1.0),
 ):
     """train/valid/test PatchGPTDatasets (None where a split is empty), via megatron-core's builder."""
     config = PatchGPTDatasetConfig(
@@ -121,5 +145,6 @@ def build_datasets(
         create_attention_mask=False,
         patch_size=patch_size,
         pad_id=pad_id,
+        train_data_range=tuple(train_data_range),
     )
     return BlendedMegatronDatasetBuilder(PatchGPTDataset, num_samples, is_built_on_rank, config).build()

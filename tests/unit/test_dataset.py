@@ -13,10 +13,11 @@ from megatron_patch.data.tokenizer import SentencePieceTokenizer
 T = 32  # positions per sample
 
 
-def _patch_datasets(corpus, tmp_path, prefix, k, samples=200):
+def _patch_datasets(corpus, tmp_path, prefix, k, samples=200, train_data_range=(0.0, 1.0)):
     tok = SentencePieceTokenizer(corpus["tokenizer"])
     return build_datasets([corpus[prefix]], None, "90,10,0", tok, k, T, [samples, 20, 0], seed=7,
-                          pad_id=tok.pad, cache_path=str(tmp_path / "cache"), is_built_on_rank=lambda: True)
+                          pad_id=tok.pad, cache_path=str(tmp_path / "cache"), is_built_on_rank=lambda: True,
+                          train_data_range=train_data_range)
 
 
 def test_k1_reproduces_gpt_dataset(megatron_process, corpus, tmp_path):
@@ -64,3 +65,21 @@ def test_patch_size_is_part_of_the_cache_key(megatron_process, corpus, tmp_path)
     k1, _, _ = _patch_datasets(corpus, tmp_path, "aligned4", 1)
     k4, _, _ = _patch_datasets(corpus, tmp_path, "aligned4", 4)
     assert k1.unique_description_hash != k4.unique_description_hash
+
+
+def test_phase_data_ranges_partition_the_training_documents(megatron_process, corpus, tmp_path):
+    """A plan's phase 1 reads [0, lambda) of the training split's tokens and phase 2 [lambda, 1): disjoint
+    documents that together are the whole split; validation is the same for both."""
+    lam = 0.6
+    (whole, valid, _), (phase1, valid1, _), (phase2, valid2, _) = (
+        _patch_datasets(corpus, tmp_path, "aligned4", 4, train_data_range=r)
+        for r in [(0.0, 1.0), (0.0, lam), (lam, 1.0)])
+    docs = [set(d.document_index.tolist()) for d in (whole, phase1, phase2)]
+    assert docs[1] and docs[2] and not docs[1] & docs[2] and docs[1] | docs[2] == docs[0]
+    documents = IndexedDataset(corpus["aligned4"])  # keep it alive: its lengths are a view of its memory map
+    lengths = documents.sequence_lengths
+    share = lengths[sorted(docs[1])].sum() / lengths[sorted(docs[0])].sum()
+    assert abs(share - lam) <= lengths.max() / lengths[sorted(docs[0])].sum()  # within one document of lambda
+    assert len(valid) == len(valid1) == len(valid2)
+    assert all(torch.equal(valid[i]["tokens"], v[i]["tokens"]) for v in (valid1, valid2) for i in range(len(valid)))
+    assert len({whole.unique_description_hash, phase1.unique_description_hash, phase2.unique_description_hash}) == 3

@@ -90,7 +90,10 @@ def _loader(dataset, consumed_samples, cfg: TrainingConfig):
     )
     return iter(
         torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available()
+            dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+            # Its own generator: a new iterator draws a seed, which from the global one would shift the dropout
+            # stream of a resumed run (its iterators are made at another point of that stream).
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
     )
 

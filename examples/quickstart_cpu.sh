@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on a CPU machine, in a few minutes: set up .venv, build a corpus of real English text,
 # train a tokenizer, preprocess (patch-aligned), then phase 1 (patch level, K=4) and phase 2 (token level,
-# from phase 1's weights), and compare their cost. Knobs: OUT, K, TOKENS, NPROC (data-parallel processes).
+# from phase 1's weights, on data phase 1 has not seen), and compare their cost. Knobs: OUT, K, TOKENS, NPROC (data-parallel processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_cpu.sh
@@ -12,8 +12,7 @@ TOKENS=${TOKENS:-1536000}      # total training tokens; lambda=2/3 of them go to
 NPROC=${NPROC:-1}
 PY=.venv/bin/python
 mkdir -p "$OUT"
-rm -rf "$OUT/phase1" "$OUT/phase2" "$OUT/phase1.jsonl" "$OUT/phase2.jsonl"
-
+rm -rf "$OUT/ckpt" "$OUT"/log*.jsonl
 $PY examples/python_docs_corpus.py --output "$OUT/corpus.jsonl"
 $PY tools/train_tokenizer.py --input "$OUT/corpus.jsonl" --model-prefix "$OUT/tokenizer" --vocab-size 4000
 $PY tools/preprocess_data.py --input "$OUT/corpus.jsonl" --output-prefix "$OUT/docs" \
@@ -26,20 +25,17 @@ COMMON=(--num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-si
         --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95
         --clip-grad 1.0 --data-path "$OUT/docs_text_document" --tokenizer-model "$OUT/tokenizer.model"
         --data-cache-path "$OUT/cache" --split 98,2,0 --log-interval 10 --eval-interval 1000 --eval-iters 4)
-STEP_TOKENS=8192   # the same tokens per optimizer step in both phases
 launch=($PY)
 [ "$NPROC" -gt 1 ] && launch=(.venv/bin/torchrun --standalone --nproc-per-node "$NPROC")
 
-echo "== phase 1: patch level, K=$K"
-"${launch[@]}" pretrain_patch_gpt.py "${COMMON[@]}" --patch-size "$K" --seq-length $((256 * K)) \
-    --micro-batch-size $((STEP_TOKENS / (256 * K) / NPROC)) --global-batch-size $((STEP_TOKENS / (256 * K))) \
-    --train-tokens $((TOKENS * 2 / 3)) --lr-warmup-iters 10 --save "$OUT/phase1" --log-json "$OUT/phase1.jsonl"
-
-echo "== phase 2: token level, from phase 1's weights (fresh optimizer and LR schedule)"
-"${launch[@]}" pretrain_patch_gpt.py "${COMMON[@]}" --patch-size 1 --seq-length 256 \
-    --micro-batch-size $((STEP_TOKENS / 256 / NPROC)) --global-batch-size $((STEP_TOKENS / 256)) \
-    --train-tokens $((TOKENS / 3)) --lr-warmup-iters 5 --pretrained-checkpoint "$OUT/phase1" \
-    --save "$OUT/phase2" --load "$OUT/phase2" --log-json "$OUT/phase2.jsonl"
+# The two-phase plan in one command: the token-level run is 32 samples x 256 tokens per step; lambda=2/3 of
+# the budget goes to phase 1 (K*256 tokens = 256 patches per sample, 32/K samples: the same tokens per step) on
+# the first 2/3 of the data, then phase 2 continues from its weights on the rest. `tools/plan.py` with the same
+# flags prints the plan without running it.
+echo "== two-phase plan: K=$K, lambda=2/3, $TOKENS tokens"
+"${launch[@]}" pretrain_patch_gpt.py "${COMMON[@]}" --patch-size "$K" --patch-fraction 0.6667 \
+    --seq-length 256 --global-batch-size 32 --micro-batch-size $((32 / K / NPROC)) --train-tokens "$TOKENS" \
+    --lr-warmup-iters 10 --save "$OUT/ckpt" --log-json "$OUT/log.jsonl"
 
 echo "== summary"
-$PY examples/two_phase_summary.py "$OUT/phase1.jsonl" "$OUT/phase2.jsonl"
+$PY examples/two_phase_summary.py "$OUT/log.phase1.jsonl" "$OUT/log.phase2.jsonl"

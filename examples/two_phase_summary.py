@@ -2,7 +2,7 @@
 """Compare the two phases of a run from their --log-json files: loss, throughput, and the cost of the
 two-phase schedule relative to token-level training on the same number of tokens.
 
-  python examples/two_phase_summary.py runs/quickstart/phase1.jsonl runs/quickstart/phase2.jsonl
+  python examples/two_phase_summary.py runs/quickstart/log.phase1.jsonl runs/quickstart/log.phase2.jsonl
 """
 
 import json

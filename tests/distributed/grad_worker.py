@@ -26,6 +26,6 @@ grads = {
     _model_key(i, len(trainer.models)): {name: p.main_grad.detach().clone() for name, p in model.named_parameters()}
     for i, model in enumerate(trainer.models)
 }
-checkpoint.save(out, 1, {**grads, "config": to_dict(cfg)})
+checkpoint.save(out, 1, {**grads, "config": to_dict(cfg)}, trainer.run_description)
 dist.barrier()
 parallel.destroy()

@@ -1,5 +1,7 @@
 """PatchGPTDataset: K-aligned samples shifted by K, and exactly GPTDataset's samples at K=1."""
 
+import json
+
 import numpy
 import pytest
 import torch
@@ -7,6 +9,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from conftest import PYTHON, run
 from megatron_patch.data.dataset import NotPatchAlignedError, build_datasets
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 
@@ -83,3 +86,32 @@ def test_phase_data_ranges_partition_the_training_documents(megatron_process, co
     assert len(valid) == len(valid1) == len(valid2)
     assert all(torch.equal(valid[i]["tokens"], v[i]["tokens"]) for v in (valid1, valid2) for i in range(len(valid)))
     assert len({whole.unique_description_hash, phase1.unique_description_hash, phase2.unique_description_hash}) == 3
+
+
+@pytest.fixture(scope="module")
+def second_dataset(corpus, tmp_path_factory):
+    """Another patch-aligned dataset (other documents of the corpus) to blend with `aligned4`."""
+    out = tmp_path_factory.mktemp("second")
+    (out / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus["texts"][100:140]))
+    run([PYTHON, "tools/preprocess_data.py", "--input", str(out / "docs.jsonl"), "--output-prefix",
+         str(out / "second"), "--tokenizer-model", corpus["tokenizer"], "--append-eod", "--patch-size", "4"])
+    return str(out / "second_text_document")
+
+
+def _blend(corpus, second, cache, seed=7):
+    tok = SentencePieceTokenizer(corpus["tokenizer"])
+    train, _, _ = build_datasets([corpus["aligned4"], second], [0.7, 0.3], "90,10,0", tok, 4, T, [400, 20, 0],
+                                 seed=seed, pad_id=tok.pad, cache_path=str(cache), is_built_on_rank=lambda: True)
+    return train
+
+
+def test_blend_follows_its_weights_is_seeded_and_cached(megatron_process, corpus, second_dataset, tmp_path):
+    blend = _blend(corpus, second_dataset, tmp_path / "cache")
+    share = numpy.bincount(blend.dataset_index, minlength=2) / len(blend)
+    assert len(blend) >= 400 and abs(share[0] - 0.7) < 0.01
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*"))
+    again = _blend(corpus, second_dataset, tmp_path / "cache")  # from the cache: no new index files
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*")) == cached
+    assert all(torch.equal(blend[i]["tokens"], again[i]["tokens"]) for i in range(len(blend)))
+    reseeded = _blend(corpus, second_dataset, tmp_path / "cache", seed=8)
+    assert not all(torch.equal(blend[i]["tokens"], reseeded[i]["tokens"]) for i in range(20))

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,26 @@ def read_run(root: str, iteration: int) -> Optional[dict]:
 
 def save(root: str, iteration: int, state: dict, run: dict) -> str:
     """Collective: every rank calls it; returns the checkpoint directory."""
+    return save_with(root, iteration, run, lambda staging: write_shard(staging, state))
+
+
+def write_shard(staging: str, state: dict) -> None:
+    """This model-parallel rank's `model_optim_rng.pt` (written by data-parallel rank 0 only)."""
+    if parallel_state.get_data_parallel_rank() != 0:
+        return
+    shard_dir = os.path.join(staging, _shard_name())
+    os.makedirs(shard_dir, exist_ok=True)
+    path = os.path.join(shard_dir, "model_optim_rng.pt")
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def save_with(root: str, iteration: int, run: dict, write: Callable[[str], None]) -> str:
+    """Collective: every rank calls `write(staging_dir)`; the directory becomes `iter_N` and the tracker points at
+    it only after every rank has returned. Returns the checkpoint directory."""
     final = iteration_dir(root, iteration)
     staging = final + ".tmp"
     rank0 = dist.get_rank() == 0
@@ -119,15 +139,7 @@ def save(root: str, iteration: int, state: dict, run: dict) -> str:
         os.makedirs(staging)
         _fsync_write(os.path.join(staging, RUN_FILE), json.dumps(run, indent=2, sort_keys=True))
     dist.barrier()
-    if parallel_state.get_data_parallel_rank() == 0:
-        shard_dir = os.path.join(staging, _shard_name())
-        os.makedirs(shard_dir, exist_ok=True)
-        path = os.path.join(shard_dir, "model_optim_rng.pt")
-        with open(path + ".tmp", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+    write(staging)
     dist.barrier()
     if rank0:
         shutil.rmtree(final, ignore_errors=True)

@@ -84,6 +84,14 @@ class PlanConfig:
 
 
 @dataclass
+class DeepSpeedOptions:
+    enabled: bool = False  # --deepspeed: data parallelism and ZeRO through a DeepSpeed engine
+    config: Optional[str] = None  # --deepspeed_config FILE (JSON); our flags fill its "auto"/missing values
+    zero_stage: Optional[int] = None  # --zero-stage: overrides the file's zero_optimization.stage
+    resolved: Optional[dict] = None  # derived: the config handed to deepspeed.initialize
+
+
+@dataclass
 class TrainingConfig:
     """One training phase."""
 
@@ -92,6 +100,7 @@ class TrainingConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     patch_size: int = 1  # K: tokens per patch; 1 = ordinary token-level training
     seq_length: int = 1024  # tokens read per sample (K * T); the transformer runs on seq_length // K positions
     micro_batch_size: int = 1
@@ -205,6 +214,12 @@ class TrainingConfig:
             raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {TRACKER} there")
         if self.save_interval is not None and self.save is None:
             raise ConfigError("--save-interval needs --save")
+        if self.deepspeed.enabled:
+            from megatron_patch.engine import deepspeed_config  # imports DeepSpeed only when asked for
+
+            self.deepspeed.resolved = deepspeed_config(self, data_parallel)
+        elif self.deepspeed.config or self.deepspeed.zero_stage is not None:
+            raise ConfigError("--deepspeed_config and --zero-stage need --deepspeed")
         return self
 
 
@@ -292,6 +307,9 @@ _FLAGS = [
     ("--exit-duration-in-mins", "exit_duration_in_mins", dict(type=float)),
     ("--patch-fraction", "plan.patch_fraction", dict(type=float)),
     ("--phase", "plan.phase", dict(choices=["1", "2", "both"])),
+    ("--deepspeed", "deepspeed.enabled", dict(action="store_true")),  # DeepSpeed's own flag names
+    ("--deepspeed_config", "deepspeed.config", dict()),
+    ("--zero-stage", "deepspeed.zero_stage", dict(type=int, choices=[0, 1, 2, 3])),  # Megatron-DeepSpeed's
 ]
 
 

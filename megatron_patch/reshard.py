@@ -65,9 +65,10 @@ def _fit_vocab_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 def full_state_dict(checkpoint_dir: str, sharding: dict) -> dict:
     """All shards of one checkpoint iteration directory merged into unsharded tensors with global names."""
-    shard_dirs = sorted(glob.glob(os.path.join(checkpoint_dir, "mp_rank_*")))
+    # Directories only: a DeepSpeed checkpoint also holds mp_rank_*_model_states.pt files next to them.
+    shard_dirs = sorted(os.path.dirname(f) for f in glob.glob(os.path.join(checkpoint_dir, "mp_rank_*", "model_optim_rng.pt")))
     if not shard_dirs:
-        raise FileNotFoundError(f"{checkpoint_dir}: no mp_rank_* shards")
+        raise FileNotFoundError(f"{checkpoint_dir}: no mp_rank_*/model_optim_rng.pt shards")
     by_tp: dict = {}  # global name -> {tp_rank: tensor}
     for shard_dir in shard_dirs:
         ranks = os.path.basename(shard_dir).split("_")[2:]

@@ -114,6 +114,39 @@ def _forward_step(data_iterator, model):
     return per_token_loss, partial(_loss_func, batch["loss_mask"].to(device))
 
 
+def megatron_optimizer_config(cfg: TrainingConfig, params_dtype) -> MegatronOptimizerConfig:
+    o = cfg.optim
+    return MegatronOptimizerConfig(
+        optimizer="adam",  # megatron-core's Adam applies decoupled weight decay: AdamW
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.bf16,
+        params_dtype=params_dtype,
+    )
+
+
+def lr_scheduler(optimizer, o) -> OptimizerParamScheduler:
+    """Megatron's LR (and weight-decay) schedule over any optimizer's param_groups; each phase starts a new one."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_iters,
+        lr_decay_steps=o.lr_decay_iters,
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=o.lr_decay_iters,
+        wd_incr_style="constant",
+    )
+
+
 class Trainer:
     """Model, optimizer, schedule and data of one phase."""
 
@@ -122,14 +155,24 @@ class Trainer:
         tp = cfg.parallel.tensor_model_parallel_size
         self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, tp)
-        # One chunk per rank; with interleaved pipelining, one per virtual stage. Each is wrapped in DDP.
+        self.run_description = checkpoint.describe_run(cfg, dataset_sizes(cfg.data.data_path))
+        # One chunk per rank; with interleaved pipelining, one per virtual stage, sharing one config.
         self.config = transformer_config(cfg.model, cfg.parallel, cfg.bf16)
+        vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+        models = [
+            build_model(cfg.model, cfg.parallel, self.vocab_size, cfg.patch_size, config=self.config,
+                        vp_stage=vp_stage if vpp else None).to(parallel.device())
+            for vp_stage in range(vpp or 1)
+        ]
+        self._wrap(models)
+        self.iteration = 0
+        self.consumed_samples = 0
+
+    def _wrap(self, models: list) -> None:
+        """megatron-core's DDP around each chunk, its optimizer and the LR schedule (DeepSpeedTrainer: an engine)."""
+        cfg = self.cfg
         self.chunks = []
-        for vp_stage in range(cfg.parallel.virtual_pipeline_model_parallel_size or 1):
-            chunk = build_model(
-                cfg.model, cfg.parallel, self.vocab_size, cfg.patch_size, config=self.config,
-                vp_stage=vp_stage if cfg.parallel.virtual_pipeline_model_parallel_size else None,
-            ).to(parallel.device())
+        for vp_stage, chunk in enumerate(models):
             if cfg.bf16:
                 chunk = Float16Module(chunk.config, chunk)
             self.chunks.append(DistributedDataParallel(
@@ -141,38 +184,8 @@ class Trainer:
         no_sync = [chunk.no_sync for chunk in self.chunks]
         self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.config.finalize_model_grads_func = finalize_model_grads
-        o = cfg.optim
-        self.optimizer = get_megatron_optimizer(
-            MegatronOptimizerConfig(
-                optimizer="adam",  # megatron-core's Adam applies decoupled weight decay: AdamW
-                lr=o.lr,
-                min_lr=o.min_lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2,
-                adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad,
-                bf16=cfg.bf16,
-                params_dtype=self.config.params_dtype,
-            ),
-            self.chunks,
-        )
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=o.lr,
-            min_lr=o.min_lr,
-            lr_warmup_steps=o.lr_warmup_iters,
-            lr_decay_steps=o.lr_decay_iters,
-            lr_decay_style=o.lr_decay_style,
-            start_wd=o.weight_decay,
-            end_wd=o.weight_decay,
-            wd_incr_steps=o.lr_decay_iters,
-            wd_incr_style="constant",
-        )
-        self.iteration = 0
-        self.consumed_samples = 0
-        self.run_description = checkpoint.describe_run(cfg, dataset_sizes(cfg.data.data_path))
+        self.optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg, self.config.params_dtype), self.chunks)
+        self.scheduler = lr_scheduler(self.optimizer, cfg.optim)
 
     @property
     def models(self) -> list[PatchGPTModel]:
@@ -181,15 +194,26 @@ class Trainer:
         return [m.module if isinstance(m, Float16Module) else m for m in unwrapped]
 
     # -- checkpoints ---------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def training_state(self) -> dict:
+        """Everything but the model and optimizer: the same in every checkpoint format."""
         return {
-            **{_model_key(i, len(self.models)): m.state_dict() for i, m in enumerate(self.models)},
-            "optimizer": self.optimizer.state_dict(),
             "opt_param_scheduler": self.scheduler.state_dict(),
             "iteration": self.iteration,
             "consumed_samples": self.consumed_samples,
             "config": to_dict(self.cfg),
             "rng_state": parallel.rng_states(),
+        }
+
+    def restore_training_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
+        parallel.set_rng_states(state["rng_state"])
+
+    def state_dict(self) -> dict:
+        return {
+            **{_model_key(i, len(self.models)): m.state_dict() for i, m in enumerate(self.models)},
+            "optimizer": self.optimizer.state_dict(),
+            **self.training_state(),
         }
 
     def load(self) -> None:
@@ -200,22 +224,23 @@ class Trainer:
             state = checkpoint.load(self.cfg.load, resume_at)
             self._load_models(state)
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["opt_param_scheduler"])
-            self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
-            parallel.set_rng_states(state["rng_state"])
+            self.restore_training_state(state)
             log(f"resumed from {self.cfg.load} at iteration {self.iteration}")
         elif self.cfg.pretrained_checkpoint:
-            root = self.cfg.pretrained_checkpoint
-            iteration = checkpoint.latest_iteration(root)
-            self._check_compatible(root, iteration, resume=False)
-            # Weights only, resharded from whatever layout wrote them.
-            sharding = {k: v for m in self.models for k, v in reshard.sharding_of(m).items()}
-            full = reshard.full_state_dict(checkpoint.iteration_dir(root, iteration), sharding)
-            for model in self.models:
-                reshard.load_into(model, full)
+            self._load_pretrained_weights(self.models)
             # The optimizer may keep its own (fp32 master) copy of the parameters: refresh it from the model.
             self.optimizer.reload_model_params()
-            log(f"initialised weights from {root} (iteration {iteration}); fresh optimizer and LR schedule")
+
+    def _load_pretrained_weights(self, models: list) -> None:
+        """Weights only from --pretrained-checkpoint's latest iteration, resharded from whatever layout wrote them."""
+        root = self.cfg.pretrained_checkpoint
+        iteration = checkpoint.latest_iteration(root)
+        self._check_compatible(root, iteration, resume=False)
+        sharding = {k: v for m in models for k, v in reshard.sharding_of(m).items()}
+        full = reshard.full_state_dict(checkpoint.iteration_dir(root, iteration), sharding)
+        for model in models:
+            reshard.load_into(model, full)
+        log(f"initialised weights from {root} (iteration {iteration}); fresh optimizer and LR schedule")
 
     def _check_compatible(self, root: str, iteration: int, resume: bool) -> None:
         saved = checkpoint.read_run(root, iteration)
@@ -242,17 +267,7 @@ class Trainer:
             micro_batch_size=self.cfg.micro_batch_size,
             forward_only=forward_only,
         )
-        # [micro-batch, data-parallel rank, (loss sum, tokens)]; only the last pipeline stage has entries, and
-        # tensor-parallel ranks hold identical ones, which leaves every ratio below unchanged.
-        sums = torch.zeros(num_microbatches, parallel_state.get_data_parallel_world_size(), 2,
-                           dtype=torch.float64, device=parallel.device())
-        for microbatch, entry in enumerate(losses):
-            sums[microbatch, parallel_state.get_data_parallel_rank()] = entry["lm loss"].to(sums)
-        dist.all_reduce(sums)
-        loss = (sums[..., 0].sum() / sums[..., 1].sum().clamp(min=1)).item()
-        # Row-major order is the global sample order: round m of rank r holds micro-batch m * DP + r.
-        per_microbatch = (sums[..., 0] / sums[..., 1].clamp(min=1)).flatten().tolist()
-        return loss, per_microbatch
+        return global_losses([entry["lm loss"] for entry in losses], num_microbatches)
 
     @property
     def num_microbatches(self) -> int:
@@ -308,6 +323,22 @@ class Trainer:
         return loss
 
 
+def global_losses(entries: list, num_microbatches: int):
+    """(loss of the global batch, per-micro-batch losses in global sample order) from this rank's
+    [loss sum, token count] per micro-batch. Only the last pipeline stage has entries, and tensor-parallel ranks
+    hold identical ones, which leaves every ratio unchanged."""
+    # [micro-batch, data-parallel rank, (loss sum, tokens)]
+    sums = torch.zeros(num_microbatches, parallel_state.get_data_parallel_world_size(), 2,
+                       dtype=torch.float64, device=parallel.device())
+    for microbatch, entry in enumerate(entries):
+        sums[microbatch, parallel_state.get_data_parallel_rank()] = entry.to(sums)
+    dist.all_reduce(sums)
+    loss = (sums[..., 0].sum() / sums[..., 1].sum().clamp(min=1)).item()
+    # Row-major order is the global sample order: round m of rank r holds micro-batch m * DP + r.
+    per_microbatch = (sums[..., 0] / sums[..., 1].clamp(min=1)).flatten().tolist()
+    return loss, per_microbatch
+
+
 def _num_samples(cfg: TrainingConfig):
     evals = cfg.train_iters // cfg.eval_interval + 1
     return [
@@ -355,10 +386,18 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def make_trainer(cfg: TrainingConfig) -> Trainer:
+    if cfg.deepspeed.enabled:
+        from megatron_patch.engine import DeepSpeedTrainer  # imports DeepSpeed only when asked for
+
+        return DeepSpeedTrainer(cfg)
+    return Trainer(cfg)
+
+
 def pretrain(cfg: TrainingConfig) -> dict:
     """Run one phase; returns its summary (also printed)."""
     parallel.seed_everything(cfg.seed)  # a phase run after another starts exactly as if run alone
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     trainer.load()
     train_ds, valid_ds = trainer.build_datasets()
     data = trainer.data_iterators(train_ds, trainer.consumed_samples)

@@ -1,0 +1,308 @@
+"""DeepSpeed ZeRO (stages 0-3) around megatron-core's PatchGPTModel: `--deepspeed --deepspeed_config FILE`.
+
+Who does what:
+  megatron-core  tensor and pipeline parallelism: process groups, layers, pipeline schedules
+  DeepSpeed      data parallelism: gradient reduction, ZeRO partitioning (optimizer state, gradients, parameters),
+                 gradient clipping, the optimizer step, checkpoints of all that
+  this module    the mpu adapter between the two; one source of truth for settings both know (our flags fill the
+                 JSON's "auto" and missing values, a conflicting value is an error); the training step; checkpoints
+                 under our atomic tracker, each with a consolidated fp32 copy of the weights in Megatron's layout
+
+The step. Without pipeline parallelism every micro-batch goes through the engine (forward, engine.backward,
+engine.step): ZeRO-2/3 reduce and partition gradients inside backward, in hooks only engine.backward drives. With
+pipeline parallelism (DeepSpeed allows it with ZeRO-1 only here, see deepspeed_config) megatron-core's 1F1B schedule
+runs the model chunks, so activations and their gradients cross stages through megatron-core's p2p exactly as
+without DeepSpeed; the gradients it accumulates in param.grad are reduced by the engine at one accumulation boundary
+and the engine takes the optimizer step.
+
+The LR schedule is megatron's OptimizerParamScheduler over the engine's optimizer (a DeepSpeed "scheduler" is
+refused), restarted with the optimizer by each phase; its state travels in the checkpoint's client state.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import os
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+from megatron.core import parallel_state
+from megatron.core.distributed.finalize_model_grads import _allreduce_word_embedding_grads
+from megatron.core.optimizer import _get_param_groups
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+from megatron_patch import checkpoint, parallel
+from megatron_patch.config import ConfigError, TrainingConfig, to_dict
+from megatron_patch.train import (Trainer, _forward_step, _model_key, global_losses, load_pretrained_weights, log,
+                                  lr_scheduler, megatron_optimizer_config)
+
+
+class MegatronMpu:
+    """megatron-core's parallel_state under the names DeepSpeed calls on its `mpu` argument. DeepSpeed's "model
+    parallel" group is megatron's tensor x pipeline group (checkpoint shard names, the gradient-norm all-reduce);
+    ZeRO partitions over megatron's data-parallel group. (`parallel_state` itself does not fit: it has no
+    get_model_parallel_rank/world_size.)"""
+
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_src_rank = staticmethod(parallel_state.get_tensor_model_parallel_src_rank)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return dist.get_rank(parallel_state.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(parallel_state.get_model_parallel_group())
+
+    @staticmethod
+    def get_data_parallel_group_ranks() -> list:
+        return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+
+def deepspeed_config(cfg: TrainingConfig, data_parallel: int) -> dict:
+    """The JSON of --deepspeed_config with every setting our flags also own filled from them; raises ConfigError
+    (one line naming the key and the flag) when the file says otherwise or asks for an unsupported combination."""
+    path = cfg.deepspeed.config
+    if not path:
+        raise ConfigError("--deepspeed needs --deepspeed_config FILE (examples in deepspeed_configs/)")
+    where = f"--deepspeed_config {path}"
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{where}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{where}: expected a JSON object")
+
+    def section(name: str) -> dict:
+        value = ds.setdefault(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f'{where}: "{name}" must be an object')
+        return value
+
+    def settle(node: dict, key: str, flag: str, value, dotted: str = "") -> None:
+        current = node.get(key, "auto")
+        if current == "auto":
+            node[key] = value
+        elif current != value:
+            raise ConfigError(
+                f'{where}: "{dotted or key}" is {json.dumps(current)} but {flag} gives {json.dumps(value)}; '
+                f'write "auto" there (the command line is the single source of truth)'
+            )
+
+    o = cfg.optim
+    settle(ds, "train_batch_size", "--global-batch-size", cfg.global_batch_size)
+    settle(ds, "train_micro_batch_size_per_gpu", "--micro-batch-size", cfg.micro_batch_size)
+    settle(ds, "gradient_accumulation_steps", "--global-batch-size / (--micro-batch-size x data-parallel size)",
+           cfg.global_batch_size // (cfg.micro_batch_size * data_parallel))
+    settle(ds, "gradient_clipping", "--clip-grad", o.clip_grad)
+    settle(section("bf16"), "enabled", "--bf16", cfg.bf16, "bf16.enabled")
+    if section("fp16").get("enabled", False) not in (False, "auto"):
+        raise ConfigError(f'{where}: "fp16.enabled": fp16 training is not supported here; use bf16 (--bf16)')
+    ds["fp16"]["enabled"] = False
+    if "scheduler" in ds:
+        raise ConfigError(f'{where}: remove "scheduler": the LR schedule is megatron\'s (--lr, --min-lr, '
+                          f'--lr-warmup-iters, --lr-decay-iters, --lr-decay-style)')
+    optimizer = section("optimizer")
+    settle(optimizer, "type", "megatron's Adam (decoupled weight decay)", "AdamW", "optimizer.type")
+    params = optimizer.setdefault("params", {})
+    settle(params, "lr", "--lr", o.lr, "optimizer.params.lr")
+    settle(params, "betas", "--adam-beta1/--adam-beta2", [o.adam_beta1, o.adam_beta2], "optimizer.params.betas")
+    settle(params, "eps", "--adam-eps", o.adam_eps, "optimizer.params.eps")
+    settle(params, "weight_decay", "--weight-decay", o.weight_decay, "optimizer.params.weight_decay")
+    if not torch.cuda.is_available():
+        params.setdefault("torch_adam", True)  # DeepSpeed's CPU Adam would JIT-compile (~45 s)
+    zero = section("zero_optimization")
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    stage = zero.setdefault("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f'{where}: "zero_optimization.stage" must be 0, 1, 2 or 3, got {json.dumps(stage)}')
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if pp > 1 and stage != 1:
+        reason = ("DeepSpeed partitions gradients/parameters only without pipeline parallelism" if stage > 1 else
+                  "DeepSpeed's stage-0 gradient clipping would count the replicated weights of the first pipeline "
+                  "stage only")
+        raise ConfigError(f"ZeRO stage {stage} with --pipeline-model-parallel-size {pp}: use ZeRO stage 1 "
+                          f"(--zero-stage 1) with pipeline parallelism; {reason}")
+    if cfg.parallel.sequence_parallel:
+        raise ConfigError("--sequence-parallel is not supported with --deepspeed (DeepSpeed does not all-reduce "
+                          "the sequence-parallel norm gradients over the tensor-parallel group)")
+    if cfg.load and checkpoint.latest_iteration(cfg.load) is not None:
+        resume = checkpoint.iteration_dir(cfg.load, checkpoint.latest_iteration(cfg.load))
+        if not _is_deepspeed_checkpoint(resume):
+            raise ConfigError(f"--load {cfg.load}: {resume} was not written with --deepspeed; resume it without "
+                              f"--deepspeed, or start from its weights with --pretrained-checkpoint")
+    return ds
+
+
+def _is_deepspeed_checkpoint(iteration_dir: str) -> bool:
+    return bool(glob.glob(os.path.join(iteration_dir, "*model_states.pt")))
+
+
+def _skip_shm_comm_build() -> None:
+    """On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (~25 s per fresh machine) when it sets up its
+    communication backend; only its inference all-reduce uses it, training talks through gloo."""
+    if not torch.cuda.is_available():
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+
+class DeepSpeedTrainer(Trainer):
+    """Trainer whose data parallelism, optimizer and checkpoints are a DeepSpeed engine's."""
+
+    def _wrap(self, models: list) -> None:
+        cfg = self.cfg
+        if checkpoint.latest_iteration(cfg.load) is None and cfg.pretrained_checkpoint:
+            # Before the engine exists: ZeRO partitions these weights and its fp32 copy starts from them.
+            load_pretrained_weights(cfg.pretrained_checkpoint, models)
+        # megatron's parameter groups: no weight decay on biases and norms (wd_mult 0, read by the LR schedule).
+        groups = _get_param_groups(models, megatron_optimizer_config(cfg, self.config.params_dtype), None)
+        _skip_shm_comm_build()
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=models[0] if len(models) == 1 else torch.nn.ModuleList(models),
+            model_parameters=[group for group in groups if group["params"]],
+            config=cfg.deepspeed.resolved,
+            mpu=MegatronMpu(),
+            dist_init_required=False,
+        )
+        self.chunks = models  # what megatron-core's schedules run (evaluation; pipelined steps)
+        self.pipelined = cfg.parallel.pipeline_model_parallel_size > 1
+        self.scheduler = lr_scheduler(self.optimizer, cfg.optim)
+        # ZeRO-0 in fp32 hands the gradients to a plain torch optimizer, which reports no norm.
+        self.norm_from_grads = self.engine.zero_optimization_stage() == 0 and not cfg.bf16
+
+    @property
+    def models(self) -> list:
+        return self.chunks
+
+    def train_step(self, data_iterators) -> dict:
+        if self.pipelined:
+            loss, microbatch_losses = self._run_batches(data_iterators, self.num_microbatches, forward_only=False)
+            _allreduce_word_embedding_grads(self.chunks, self.config)  # tied embedding of the first and last stage
+            self.engine.set_gradient_accumulation_boundary(True)
+            self.engine.allreduce_gradients()
+            grad_norm = self._grad_norm_before_step()
+            self.engine.step()
+        else:
+            loss, microbatch_losses, grad_norm = self._engine_micro_batches(data_iterators[0])
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_samples += self.cfg.global_batch_size
+        if self.iteration == 1:
+            footprint = memory_footprint(self.engine)
+            log(f"deepspeed: ZeRO stage {self.engine.zero_optimization_stage()}, rank 0 holds "
+                f"{footprint['parameter_bytes']} bytes of parameters and {footprint['optimizer_bytes']} bytes of "
+                f"optimizer state ({json.dumps(footprint)})")
+        grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
+        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "microbatch_losses": microbatch_losses}
+
+    def _engine_micro_batches(self, data_iterator):
+        """One global batch as DeepSpeed drives it: forward, engine.backward and engine.step per micro-batch (the
+        engine averages over the accumulation steps and steps the optimizer at the boundary)."""
+        entries, grad_norm = [], None
+        for microbatch in range(self.num_microbatches):
+            per_token_loss, loss_func = _forward_step(data_iterator, self.engine)
+            total, num_tokens, reported = loss_func(per_token_loss)
+            self.engine.backward(total / num_tokens.clamp(min=1))  # as megatron-core's schedules normalise
+            entries.append(reported["lm loss"])
+            if microbatch == self.num_microbatches - 1:
+                grad_norm = self._grad_norm_before_step()
+            self.engine.step()
+        return (*global_losses(entries, self.num_microbatches), grad_norm)
+
+    def _grad_norm_before_step(self):
+        """The global gradient norm (what clipping sees) when the engine does not report one."""
+        if not self.norm_from_grads:
+            return None
+        grads = [p.grad for m in self.chunks for p in m.parameters()
+                 if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
+        return get_grad_norm_fp32(grads, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """DeepSpeed's checkpoint (model, ZeRO partitions, our training state as client state) plus the full-precision
+        weights in Megatron's layout (what --pretrained-checkpoint reads), committed by our atomic tracker."""
+
+        def write(staging: str) -> None:
+            self.engine.save_checkpoint(os.path.dirname(staging), tag=os.path.basename(staging),
+                                        client_state=self.training_state(), save_latest=False)
+            export_weights(self, staging)
+
+        path = checkpoint.save_with(self.cfg.save, self.iteration, write)
+        log(f"saved DeepSpeed checkpoint and fp32 weights {path}")
+
+    def load(self) -> None:
+        """Resume the engine (model, optimizer, ZeRO partitions) and our training state from --load. Weights from
+        --pretrained-checkpoint were loaded before the engine was built."""
+        iteration = checkpoint.latest_iteration(self.cfg.load)
+        if iteration is None:
+            return
+        tag = os.path.basename(checkpoint.iteration_dir(self.cfg.load, iteration))
+        _, client_state = self.engine.load_checkpoint(self.cfg.load, tag=tag, load_lr_scheduler_states=False)
+        self.restore_training_state(client_state)
+        log(f"resumed DeepSpeed checkpoint {self.cfg.load} at iteration {self.iteration}")
+
+
+def consolidated_weights(trainer: DeepSpeedTrainer) -> dict:
+    """Megatron checkpoint keys (`model` or `model0`, `model1`, ...) -> full fp32 state dict of this rank's chunks:
+    ZeRO's fp32 partitions gathered over the data-parallel group, per tensor- and pipeline-parallel rank (so any
+    layout works, unlike zero_to_fp32). Collective over the data-parallel group."""
+    out = {}
+    for index, model in enumerate(trainer.chunks):
+        params = dict(model.named_parameters())
+        state = {}
+        for name, value in model.state_dict().items():
+            if name in params:
+                full = safe_get_full_fp32_param(params[name])  # None: plain fp32 parameter (ZeRO-0)
+                value = params[name].detach() if full is None else full
+            state[name] = value.detach().float().cpu().clone() if torch.is_floating_point(value) else value
+        out[_model_key(index, len(trainer.chunks))] = state
+    return out
+
+
+def export_weights(trainer: DeepSpeedTrainer, directory: str) -> None:
+    """Write this rank's consolidated fp32 weights as `mp_rank_*/model_optim_rng.pt` under `directory` (weights and
+    config only, the layout reshard.full_state_dict and --pretrained-checkpoint read). Collective."""
+    weights = consolidated_weights(trainer)
+    checkpoint.write_shard(directory, {**weights, "iteration": trainer.iteration, "config": to_dict(trainer.cfg)})
+
+
+def memory_footprint(engine) -> dict:
+    """Bytes of parameters and of optimizer state (fp32 master copies, Adam moments) this rank holds, each storage
+    counted once: ZeRO-3 parameters count their local partition."""
+    seen = set()
+
+    def nbytes(tensors) -> int:
+        total = 0
+        for tensor in tensors:
+            if torch.is_tensor(tensor) and tensor.numel() and tensor.untyped_storage().data_ptr() not in seen:
+                seen.add(tensor.untyped_storage().data_ptr())
+                total += tensor.untyped_storage().nbytes()
+        return total
+
+    parameter_bytes = nbytes(getattr(p, "ds_tensor", p) for p in engine.module.parameters())
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    optimizer_tensors = [p for group in inner.param_groups for p in group["params"]]
+    optimizer_tensors += [t for state in inner.state.values() for t in state.values()]
+    return {"parameter_bytes": parameter_bytes, "optimizer_bytes": nbytes(optimizer_tensors)}

@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 from megatron.core import parallel_state
-from megatron.core.distributed.finalize_model_grads import _allreduce_word_embedding_grads
 from megatron.core.optimizer import _get_param_groups
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
@@ -177,6 +176,10 @@ class DeepSpeedTrainer(Trainer):
             load_pretrained_weights(cfg.pretrained_checkpoint, models)
         # megatron's parameter groups: no weight decay on biases and norms (wd_mult 0, read by the LR schedule).
         groups = _get_param_groups(models, megatron_optimizer_config(cfg, self.config.params_dtype), None)
+        for param in (p for m in models for p in m.parameters()):
+            # megatron marks the last stage's copy of a tied embedding `shared`; DeepSpeed's gradient norm skips
+            # parameters it is told another pipeline stage also holds.
+            param.ds_pipe_replicated = getattr(param, "shared", False)
         _skip_shm_comm_build()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=models[0] if len(models) == 1 else torch.nn.ModuleList(models),
@@ -198,7 +201,7 @@ class DeepSpeedTrainer(Trainer):
     def train_step(self, data_iterators) -> dict:
         if self.pipelined:
             loss, microbatch_losses = self._run_batches(data_iterators, self.num_microbatches, forward_only=False)
-            _allreduce_word_embedding_grads(self.chunks, self.config)  # tied embedding of the first and last stage
+            self._allreduce_tied_embedding_grads()
             self.engine.set_gradient_accumulation_boundary(True)
             self.engine.allreduce_gradients()
             grad_norm = self._grad_norm_before_step()
@@ -216,6 +219,16 @@ class DeepSpeedTrainer(Trainer):
                 f"optimizer state ({json.dumps(footprint)})")
         grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "microbatch_losses": microbatch_losses}
+
+    def _allreduce_tied_embedding_grads(self) -> None:
+        """Tied input and output embeddings live on the first and the last pipeline stage: sum their gradients
+        (what megatron-core's finalize_model_grads does for its own DDP)."""
+        if self.cfg.model.untie_embeddings_and_output_weights:
+            return
+        for chunk in {self.chunks[0], self.chunks[-1]}:
+            if chunk.pre_process or chunk.post_process:
+                dist.all_reduce(chunk.shared_embedding_or_output_weight().grad,
+                                group=parallel_state.get_embedding_group())
 
     def _engine_micro_batches(self, data_iterator):
         """One global batch as DeepSpeed drives it: forward, engine.backward and engine.step per micro-batch (the
@@ -276,7 +289,7 @@ def consolidated_weights(trainer: DeepSpeedTrainer) -> dict:
             if name in params:
                 full = safe_get_full_fp32_param(params[name])  # None: plain fp32 parameter (ZeRO-0)
                 value = params[name].detach() if full is None else full
-            state[name] = value.detach().float().cpu().clone() if torch.is_floating_point(value) else value
+            state[name] = value.detach().float().cpu().clone() if torch.is_tensor(value) and value.is_floating_point() else value
         out[_model_key(index, len(trainer.chunks))] = state
     return out
 

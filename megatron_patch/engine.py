@@ -26,10 +26,8 @@ import importlib
 import json
 import os
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_fp32_param
 from megatron.core import parallel_state
 from megatron.core.optimizer import _get_param_groups
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
@@ -142,6 +140,9 @@ def deepspeed_config(cfg: TrainingConfig, data_parallel: int) -> dict:
                   "stage only")
         raise ConfigError(f"ZeRO stage {stage} with --pipeline-model-parallel-size {pp}: use ZeRO stage 1 "
                           f"(--zero-stage 1) with pipeline parallelism; {reason}")
+    if pp > 1 and zero.get("overlap_comm", False):
+        raise ConfigError(f'{where}: "zero_optimization.overlap_comm" must be false with --pipeline-model-parallel-size '
+                          f'{pp}: the pipeline schedule accumulates every micro-batch first, the engine reduces once')
     if cfg.parallel.sequence_parallel:
         raise ConfigError("--sequence-parallel is not supported with --deepspeed (DeepSpeed does not all-reduce "
                           "the sequence-parallel norm gradients over the tensor-parallel group)")
@@ -157,11 +158,18 @@ def _is_deepspeed_checkpoint(iteration_dir: str) -> bool:
     return bool(glob.glob(os.path.join(iteration_dir, "*model_states.pt")))
 
 
-def _skip_shm_comm_build() -> None:
-    """On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (~25 s per fresh machine) when it sets up its
-    communication backend; only its inference all-reduce uses it, training talks through gloo."""
+def _import_deepspeed():
+    """DeepSpeed, imported only once a run uses it (configuration errors stay fast and quiet). On CPU: named as the
+    accelerator (no "unable to detect" warning), and without its shared-memory all-reduce, which it JIT-compiles
+    (~25 s per fresh machine) when it sets up communication although only its inference all-reduce uses it;
+    training talks through gloo."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
     if not torch.cuda.is_available():
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
 
 
 # -- training ----------------------------------------------------------------------------------------------------
@@ -180,8 +188,7 @@ class DeepSpeedTrainer(Trainer):
             # megatron marks the last stage's copy of a tied embedding `shared`; DeepSpeed's gradient norm skips
             # parameters it is told another pipeline stage also holds.
             param.ds_pipe_replicated = getattr(param, "shared", False)
-        _skip_shm_comm_build()
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+        self.engine, self.optimizer, _, _ = _import_deepspeed().initialize(
             model=models[0] if len(models) == 1 else torch.nn.ModuleList(models),
             model_parameters=[group for group in groups if group["params"]],
             config=cfg.deepspeed.resolved,
@@ -200,6 +207,7 @@ class DeepSpeedTrainer(Trainer):
 
     def train_step(self, data_iterators) -> dict:
         if self.pipelined:
+            self.engine.set_gradient_accumulation_boundary(False)  # reduce nothing while the schedule runs
             loss, microbatch_losses = self._run_batches(data_iterators, self.num_microbatches, forward_only=False)
             self._allreduce_tied_embedding_grads()
             self.engine.set_gradient_accumulation_boundary(True)
@@ -281,6 +289,8 @@ def consolidated_weights(trainer: DeepSpeedTrainer) -> dict:
     """Megatron checkpoint keys (`model` or `model0`, `model1`, ...) -> full fp32 state dict of this rank's chunks:
     ZeRO's fp32 partitions gathered over the data-parallel group, per tensor- and pipeline-parallel rank (so any
     layout works, unlike zero_to_fp32). Collective over the data-parallel group."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
     out = {}
     for index, model in enumerate(trainer.chunks):
         params = dict(model.named_parameters())

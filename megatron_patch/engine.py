@@ -35,8 +35,8 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from megatron_patch import checkpoint, parallel
 from megatron_patch.config import ConfigError, TrainingConfig, to_dict
-from megatron_patch.train import (Trainer, _forward_step, _model_key, global_losses, load_pretrained_weights, log,
-                                  lr_scheduler, megatron_optimizer_config)
+from megatron_patch.train import (Trainer, _forward_step, _model_key, global_losses, log, lr_scheduler,
+                                  megatron_optimizer_config)
 
 
 class MegatronMpu:
@@ -181,7 +181,7 @@ class DeepSpeedTrainer(Trainer):
         cfg = self.cfg
         if checkpoint.latest_iteration(cfg.load) is None and cfg.pretrained_checkpoint:
             # Before the engine exists: ZeRO partitions these weights and its fp32 copy starts from them.
-            load_pretrained_weights(cfg.pretrained_checkpoint, models)
+            self._load_pretrained_weights(models)
         # megatron's parameter groups: no weight decay on biases and norms (wd_mult 0, read by the LR schedule).
         groups = _get_param_groups(models, megatron_optimizer_config(cfg, self.config.params_dtype), None)
         for param in (p for m in models for p in m.parameters()):
@@ -212,10 +212,14 @@ class DeepSpeedTrainer(Trainer):
             self._allreduce_tied_embedding_grads()
             self.engine.set_gradient_accumulation_boundary(True)
             self.engine.allreduce_gradients()
-            grad_norm = self._grad_norm_before_step()
-            self.engine.step()
         else:
-            loss, microbatch_losses, grad_norm = self._engine_micro_batches(data_iterators[0])
+            loss, microbatch_losses = self._engine_micro_batches(data_iterators[0])
+        self._stop_if_diverged("loss", loss)  # before the update: the weights in memory stay the last good ones
+        grad_norm = self._grad_norm_before_step()
+        self.engine.step()  # the accumulation boundary: ZeRO's reduction epilogue, clipping, the optimizer step
+        grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        self._stop_if_diverged("gradient norm", grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(increment=1)
         self.iteration += 1
@@ -225,8 +229,7 @@ class DeepSpeedTrainer(Trainer):
             log(f"deepspeed: ZeRO stage {self.engine.zero_optimization_stage()}, rank 0 holds "
                 f"{footprint['parameter_bytes']} bytes of parameters and {footprint['optimizer_bytes']} bytes of "
                 f"optimizer state ({json.dumps(footprint)})")
-        grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
-        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "microbatch_losses": microbatch_losses}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "microbatch_losses": microbatch_losses}
 
     def _allreduce_tied_embedding_grads(self) -> None:
         """Tied input and output embeddings live on the first and the last pipeline stage: sum their gradients
@@ -239,18 +242,18 @@ class DeepSpeedTrainer(Trainer):
                                 group=parallel_state.get_embedding_group())
 
     def _engine_micro_batches(self, data_iterator):
-        """One global batch as DeepSpeed drives it: forward, engine.backward and engine.step per micro-batch (the
-        engine averages over the accumulation steps and steps the optimizer at the boundary)."""
-        entries, grad_norm = [], None
+        """Forward and engine.backward of every micro-batch of the global batch as DeepSpeed drives them (it divides
+        by the accumulation steps and reduces at the boundary), engine.step after each but the last: the caller's
+        engine.step() ends the global batch."""
+        entries = []
         for microbatch in range(self.num_microbatches):
+            if microbatch:
+                self.engine.step()  # not a boundary yet: counts the micro-batch, no update
             per_token_loss, loss_func = _forward_step(data_iterator, self.engine)
             total, num_tokens, reported = loss_func(per_token_loss)
             self.engine.backward(total / num_tokens.clamp(min=1))  # as megatron-core's schedules normalise
             entries.append(reported["lm loss"])
-            if microbatch == self.num_microbatches - 1:
-                grad_norm = self._grad_norm_before_step()
-            self.engine.step()
-        return (*global_losses(entries, self.num_microbatches), grad_norm)
+        return global_losses(entries, self.num_microbatches)
 
     def _grad_norm_before_step(self):
         """The global gradient norm (what clipping sees) when the engine does not report one."""
@@ -270,7 +273,7 @@ class DeepSpeedTrainer(Trainer):
                                         client_state=self.training_state(), save_latest=False)
             export_weights(self, staging)
 
-        path = checkpoint.save_with(self.cfg.save, self.iteration, write)
+        path = checkpoint.save_with(self.cfg.save, self.iteration, self.run_description, write)
         log(f"saved DeepSpeed checkpoint and fp32 weights {path}")
 
     def load(self) -> None:
@@ -279,6 +282,7 @@ class DeepSpeedTrainer(Trainer):
         iteration = checkpoint.latest_iteration(self.cfg.load)
         if iteration is None:
             return
+        self._check_compatible(self.cfg.load, iteration, resume=True)
         tag = os.path.basename(checkpoint.iteration_dir(self.cfg.load, iteration))
         _, client_state = self.engine.load_checkpoint(self.cfg.load, tag=tag, load_lr_scheduler_states=False)
         self.restore_training_state(client_state)

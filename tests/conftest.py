@@ -55,13 +55,19 @@ def launcher(nproc):
 def train_losses(corpus, out, k, nproc, extra=(), steps=4):
     """(per-step losses, per-step grad norms, per-micro-batch losses of every step) of a short run of the tiny
     model on `nproc` processes (torchrun when > 1)."""
+    return train_run(corpus, out, k, extra, steps, launcher(nproc))[0]
+
+
+def train_run(corpus, out, k, extra=(), steps=4, launch=(PYTHON,)):
+    """train_losses' series of a run started by the command prefix `launch`, and the run's stdout."""
     log = out / f"run{next(_RUN_IDS)}.jsonl"
-    run([*launcher(nproc), f"{ROOT}/pretrain_patch_gpt.py", *phase_flags(corpus, out, k, extra, steps),
-         "--log-json", str(log)])
+    result = run([*launch, f"{ROOT}/pretrain_patch_gpt.py", *phase_flags(corpus, out, k, extra, steps),
+                  "--log-json", str(log)])
     with open(log) as f:
         records = [json.loads(line) for line in f if "loss" in json.loads(line)]
-    return ([r["loss"] for r in records], [r["grad_norm"] for r in records],
-            [loss for r in records for loss in r["microbatch_losses"]])
+    series = ([r["loss"] for r in records], [r["grad_norm"] for r in records],
+              [loss for r in records for loss in r["microbatch_losses"]])
+    return series, result.stdout
 
 
 def assert_same_run(reference, other, tolerance=1e-5):

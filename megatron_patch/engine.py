@@ -188,6 +188,8 @@ class DeepSpeedTrainer(Trainer):
             # megatron marks the last stage's copy of a tied embedding `shared`; DeepSpeed's gradient norm skips
             # parameters it is told another pipeline stage also holds.
             param.ds_pipe_replicated = getattr(param, "shared", False)
+        # DeepSpeed insists on LOCAL_RANK, which srun and a lone process do not set; parallel knows it from any launcher.
+        os.environ.setdefault("LOCAL_RANK", str(parallel.launch_from_env().local_rank))
         self.engine, self.optimizer, _, _ = _import_deepspeed().initialize(
             model=models[0] if len(models) == 1 else torch.nn.ModuleList(models),
             model_parameters=[group for group in groups if group["params"]],

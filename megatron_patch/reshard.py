@@ -102,6 +102,9 @@ def load_into(model, full: dict) -> None:
         if not isinstance(current, torch.Tensor):
             continue
         global_name = _renumber(name, offset)
+        if model.share_embeddings_and_output_weights and global_name == "output_layer.weight" and global_name not in full:
+            # Tied embeddings: only a pipeline layout keeps the last stage's copy; one stage has just the embedding.
+            global_name = "embedding.word_embeddings.weight"
         if global_name not in full:
             raise KeyError(f"checkpoint has no weight {global_name} (needed as {name} on this rank)")
         tensor = full[global_name]

@@ -1,5 +1,6 @@
 """Resume exactness across a kill -9 of a 2-process run, and the phase hand-off across layouts (resharding)."""
 
+import itertools
 import json
 import os
 import signal
@@ -10,6 +11,9 @@ import psutil
 import pytest
 
 from conftest import PYTHON, ROOT, free_port, launcher, phase_flags, run
+
+
+_LOG_IDS = itertools.count()
 
 
 def _records(log):
@@ -51,22 +55,30 @@ def test_kill_9_between_checkpoints_then_resume_gives_bitwise_the_same_steps(cor
             assert after[iteration][key] == reference[iteration][key], (iteration, key)
 
 
-def _first_step_loss(corpus, out, nproc, layout, pretrained):
-    log = out / f"handoff_{'_'.join(layout) or 'single'}.jsonl"
-    run([*launcher(nproc), "pretrain_patch_gpt.py", *phase_flags(corpus, out, 1, [
-        "--num-layers", "4", *layout, "--lr-warmup-iters", "0", "--pretrained-checkpoint", pretrained,
-        "--log-json", str(log)], steps=1)])
+def _flags(corpus, out, k, extra, tied, steps):
+    flags = phase_flags(corpus, out, k, ["--num-layers", "4", *extra], steps=steps)
+    return [f for f in flags if f != "--untie-embeddings-and-output-weights"] if tied else flags
+
+
+def _first_step_loss(corpus, out, layout, pretrained, tied):
+    log = out / f"handoff{next(_LOG_IDS)}.jsonl"
+    run([*launcher(2 if layout else 1), "pretrain_patch_gpt.py", *_flags(corpus, out, 1, [
+        *layout, "--lr-warmup-iters", "0", "--pretrained-checkpoint", pretrained, "--log-json", str(log)], tied, 1)])
     return _records(str(log))[1]["loss"]
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
-                         ids=["tp2_to_tp1", "pp2_to_pp1"])
-def test_phase_handoff_to_another_layout_starts_from_the_same_loss(corpus, tmp_path, layout):
-    """Phase 1 (K=4) on 2 ranks; phase 2 (K=1) from its weights on the same layout and on one process: the
-    resharded weights give the same first loss."""
+TP2, PP2 = ["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]
+
+
+@pytest.mark.parametrize("source,target,tied", [(TP2, [], False), (PP2, [], False), ([], PP2, True)],
+                         ids=["tp2_to_tp1", "pp2_to_pp1", "tied_pp1_to_pp2"])
+def test_phase_handoff_to_another_layout_starts_from_the_same_loss(corpus, tmp_path, source, target, tied):
+    """Phase 1 (K=4) in one layout; phase 2 (K=1) from its weights in the same layout and in another: the
+    resharded weights give the same first loss. (Tied embeddings: one stage holds only the input embedding,
+    a pipeline's last stage its own copy as the output layer.)"""
     phase1 = tmp_path / "phase1"
-    run([*launcher(2), "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, [
-        "--num-layers", "4", *layout, "--save", str(phase1)], steps=3)])
-    same_layout = _first_step_loss(corpus, tmp_path, 2, layout, str(phase1))
-    resharded = _first_step_loss(corpus, tmp_path, 1, [], str(phase1))
+    run([*launcher(2 if source else 1), "pretrain_patch_gpt.py", *_flags(corpus, tmp_path, 4, [
+        *source, "--save", str(phase1)], tied, 3)])
+    same_layout = _first_step_loss(corpus, tmp_path, source, str(phase1), tied)
+    resharded = _first_step_loss(corpus, tmp_path, target, str(phase1), tied)
     assert resharded == pytest.approx(same_layout, rel=1e-6, abs=0)

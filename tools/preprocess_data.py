@@ -1,190 +1,432 @@
 #!/usr/bin/env python3
-"""Tokenize JSONL into Megatron `.bin/.idx` datasets (Megatron-LM's tools/preprocess_data.py conventions).
+"""Tokenize text into Megatron `.bin/.idx` datasets, with Megatron-LM's tools/preprocess_data.py flags.
 
-  python tools/preprocess_data.py --input data.jsonl --output-prefix out/corpus \\
-      --tokenizer-model tok.model --append-eod --workers 2 [--patch-size 4]
+  python tools/preprocess_data.py --input data/*.jsonl.gz --output-prefix out/corpus \\
+      --tokenizer-model tok.model --append-eod --workers 8 [--patch-size 4]
+  mpirun -np 16 python tools/preprocess_data.py ...   (or srun: every rank takes a share of the input)
 
-Writes {output-prefix}_{key}_document.bin/.idx (readable by megatron-core's IndexedDataset) and a
-.meta.json sidecar. With --patch-size K every document (EOD included) is padded with the tokenizer's pad id
-to a multiple of K, so no patch ever mixes two documents.
+Inputs: files, globs, directories; JSON lines (`.jsonl`, one document per line, --json-keys select the fields:
+a string, or a list of strings = one sequence each) or plain text (`.txt`, one document per line); `.gz`/`.zst`
+compressed or not. Output: {output-prefix}_{key}_document.bin/.idx, readable by megatron-core's IndexedDataset and
+byte for byte what Megatron-LM writes (token dtype uint16 below 65500 ids, else int32), plus a .meta.json
+sidecar (tokenizer, ids, counts). --patch-size K pads every document (EOD included) with the pad id to a multiple
+of K, so no patch ever mixes two documents.
+
+Like Megatron-LM, a document that has no tokens gets no EOD and no sequence (it is still a document of the
+index). Lines that cannot be used (malformed JSON, a missing key, bytes that are not UTF-8) and unreadable files
+are skipped and reported as FILE:LINE (--strict: the first one stops the run); blank JSON lines are ignored.
+Outputs are written under temporary names and renamed only when complete; an existing dataset is never damaged
+by a failed or interrupted run.
+
+Under MPI (mpirun/srun with more than one rank, or --mpi) each rank tokenizes a consecutive share of the input
+bytes (files are cut at line starts; compressed files go whole to one rank), writes a partial dataset, and rank 0
+concatenates them in rank order: the result is identical to a single process's. The output directory must be
+shared by the ranks. If any rank fails, every rank exits non-zero and no output is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import json
+import functools
 import multiprocessing
 import os
+import signal
+import socket
 import sys
 import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.data.indexed import DatasetWriter, pad_to_patch  # noqa: E402
+from megatron_patch.data.corpus import (  # noqa: E402
+    BadInput, Encoder, Piece, count_lines, expand_inputs, is_plain_text, number_lines, read_batches, split_inputs,
+)
+from megatron_patch.data.indexed import DatasetWriter, file_sha256, remove_dataset_files, token_dtype  # noqa: E402
 from megatron_patch.data.tokenizer import SentencePieceTokenizer  # noqa: E402
 
-BATCH_LINES = 256
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+MAX_REPORTED = 100  # skipped lines listed per process; the rest are counted
 
 
-class BadInput(Exception):
-    pass
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so the same clean-up runs."""
 
 
-def expand_inputs(patterns):
-    paths = []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = sorted(glob.glob(os.path.join(pattern, "*.jsonl")))
+class Stopped(Exception):
+    """Another rank failed: this one stops too."""
+
+
+class ReportedOnRoot(Exception):
+    """A setup error rank 0 has reported for everyone."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the clean-up finish
+    raise Terminated("SIGTERM")
+
+
+# ---------------------------------------------------------------------------------------------- process groups
+
+class SingleProcess:
+    rank, size = 0, 1
+
+    def bcast(self, value):
+        return value
+
+    def allgather(self, value):
+        return [value]
+
+    def tell_others_to_stop(self):
+        pass
+
+    def stopped_by_other(self) -> bool:
+        return False
+
+    def settle(self, failed_ranks):
+        pass
+
+
+class MPIGroup:
+    """The ranks of an MPI job. A failing rank sends every other rank a stop message, which they poll for between
+    batches; at the end every rank receives the stop messages addressed to it, so none is left in flight."""
+
+    STOP_TAG = 7301
+
+    def __init__(self):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self._stop_requests = []
+
+    def bcast(self, value):
+        return self.comm.bcast(value, root=0)
+
+    def allgather(self, value):
+        return self.comm.allgather(value)
+
+    def tell_others_to_stop(self):
+        self._stop_requests = [self.comm.isend(self.rank, dest=r, tag=self.STOP_TAG)
+                               for r in range(self.size) if r != self.rank]
+
+    def stopped_by_other(self) -> bool:
+        return self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.STOP_TAG)
+
+    def settle(self, failed_ranks):
+        for rank in failed_ranks:
+            if rank != self.rank:
+                self.comm.recv(source=rank, tag=self.STOP_TAG)
+        self.MPI.Request.waitall(self._stop_requests)
+
+
+def process_group(force_mpi: bool):
+    if not force_mpi and not any(name in os.environ for name in MPI_ENV):
+        return SingleProcess()
+    try:
+        group = MPIGroup()
+    except ImportError as e:
+        raise BadInput(f"--mpi: mpi4py is not usable ({e})") from None
+    return group if group.size > 1 else SingleProcess()
+
+
+def from_root(group, make):
+    """make() on rank 0, its result on every rank. If it fails there, rank 0 raises the error and reports it for
+    everyone: the other ranks raise ReportedOnRoot (and never wait for a rank 0 that has given up)."""
+    result, failed = None, False
+    if group.rank == 0:
+        try:
+            result = make()
+        except BaseException:
+            group.bcast((None, True))
+            raise
+    result, failed = group.bcast((result, failed))
+    if failed:
+        raise ReportedOnRoot()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+@dataclass
+class Stats:
+    documents: int = 0
+    num_bytes: int = 0
+    skipped_lines: int = 0
+    unreadable_files: int = 0
+    tokens: Dict[str, int] = field(default_factory=dict)
+    empty_documents: Dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: "Stats") -> "Stats":
+        keys = set(self.tokens) | set(other.tokens)
+        return Stats(self.documents + other.documents, self.num_bytes + other.num_bytes,
+                     self.skipped_lines + other.skipped_lines, self.unreadable_files + other.unreadable_files,
+                     {k: self.tokens.get(k, 0) + other.tokens.get(k, 0) for k in keys},
+                     {k: self.empty_documents.get(k, 0) + other.empty_documents.get(k, 0) for k in keys})
+
+    def throughput(self, elapsed: float) -> str:
+        return f"{self.num_bytes / max(elapsed, 1e-9) / 2**20:.2f} MB/s, {sum(self.tokens.values())} tokens"
+
+    def rates(self, elapsed: float) -> str:
+        return f"{self.documents / max(elapsed, 1e-9):.1f} docs/s, {self.throughput(elapsed)}"
+
+
+class Progress:
+    """A tqdm bar when stderr is a terminal (one process), else a log line every `log_interval` documents."""
+
+    def __init__(self, stats: Stats, log_interval: int, label: str, bar: bool):
+        self.stats, self.log_interval, self.label = stats, log_interval, label
+        self.start = time.time()
+        self.next_log = log_interval
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=" docs", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, documents: int) -> None:
+        if self.bar is not None:
+            self.bar.update(documents)
+            self.bar.set_postfix_str(self.stats.throughput(time.time() - self.start), refresh=False)
+        elif self.log_interval and self.stats.documents >= self.next_log:
+            self.next_log += self.log_interval * (1 + (self.stats.documents - self.next_log) // self.log_interval)
+            print(f"{self.label}processed {self.stats.documents} documents "
+                  f"({self.stats.rates(time.time() - self.start)})", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+class EncodingPool:
+    """Encoded batches in input order. With workers > 1 a process pool tokenizes, at most two batches per worker
+    in flight, so memory stays bounded however large the input. forkserver: forking a process that has
+    initialised MPI is unsafe on some interconnects."""
+
+    def __init__(self, encoder: Encoder, workers: int):
+        self.encoder, self.workers, self.pool = encoder, workers, None
+
+    def __enter__(self):
+        if self.workers > 1:
+            context = multiprocessing.get_context("forkserver")
+            self.pool = context.Pool(self.workers, initializer=self.encoder.start_worker)
         else:
-            found = sorted(glob.glob(pattern))
-        if not found:
-            raise BadInput(f"--input: nothing matches {pattern}")
-        paths.extend(found)
-    return paths
+            self.encoder.load()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.pool is not None:
+            if exc_type is None:
+                self.pool.close()
+                self.pool.join()
+            else:
+                self.pool.terminate()
+        return False
+
+    def encode(self, batches):
+        if self.pool is None:
+            yield from map(self.encoder.encode, batches)
+            return
+        pending = deque()
+        for batch in batches:
+            pending.append(self.pool.apply_async(self.encoder.encode, (batch,)))
+            if len(pending) > 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
-def read_batches(paths, json_keys, strict):
-    """Yield (location, {key: text}) batches in input order; malformed lines are reported with file:line."""
-    batch = []
-    for path in paths:
-        with open(path, "rb") as f:
-            for line_number, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                    doc = {key: obj[key] for key in json_keys}
-                    if not all(isinstance(v, str) for v in doc.values()):
-                        raise TypeError("value is not a string")
-                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-                    message = f"{where}: skipped: {type(e).__name__}: {e}"
-                    if strict:
-                        raise BadInput(message) from None
-                    print(message, file=sys.stderr)
-                    batch.append((where, None))
-                    continue
-                batch.append((where, doc))
-                if len(batch) == BATCH_LINES:
-                    yield batch
-                    batch = []
-    if batch:
-        yield batch
-
-
-class Encoder:
-    """Runs in each worker: tokenizes a batch of documents for every key."""
-
-    def __init__(self, args):
-        self.args = args
-
-    def initializer(self):
-        Encoder.tokenizer = SentencePieceTokenizer(self.args.tokenizer_model)
-
-    def encode(self, batch):
-        tok, args = Encoder.tokenizer, self.args
-        docs = [doc for _, doc in batch if doc is not None]
-        out = {}
-        for key in args.json_keys:
-            encoded = tok.tokenize_batch([d[key] for d in docs])
-            if args.append_eod:
-                encoded = [ids + [tok.eod] for ids in encoded]
-            if args.patch_size > 1:
-                encoded = [pad_to_patch(ids, args.patch_size, tok.pad) for ids in encoded]
-            out[key] = encoded
-        num_bad = len(batch) - len(docs)
-        num_bytes = sum(len(d[k].encode("utf-8")) for d in docs for k in args.json_keys)
-        return out, num_bad, num_bytes
-
-
-def output_prefix(args, key):
+def output_prefix(args, key: str) -> str:
     return f"{args.output_prefix}_{key}_document"
 
 
-def run(args):
-    paths = expand_inputs(args.input)
-    tokenizer = SentencePieceTokenizer(args.tokenizer_model)
-    if args.patch_size > 1 and tokenizer.pad < 0:
-        raise BadInput(f"--patch-size {args.patch_size}: tokenizer {args.tokenizer_model} has no pad id")
-    metadata = dict(
-        tokenizer_model=os.path.abspath(args.tokenizer_model),
-        eod_id=tokenizer.eod,
-        pad_id=tokenizer.pad,
-        patch_size=args.patch_size,
-        append_eod=args.append_eod,
-        inputs=[os.path.abspath(p) for p in paths],
-    )
-    writers = {
-        key: DatasetWriter(output_prefix(args, key), tokenizer.vocab_size, dict(metadata, json_key=key))
-        for key in args.json_keys
-    }
-    encoder = Encoder(args)
-    start, docs, bad, nbytes = time.time(), 0, 0, 0
-    next_log = args.log_interval
-    pool = None
-    try:
-        if args.workers > 1:
-            pool = multiprocessing.Pool(args.workers, initializer=encoder.initializer)
-            results = pool.imap(encoder.encode, read_batches(paths, args.json_keys, args.strict))
-        else:
-            encoder.initializer()
-            results = map(encoder.encode, read_batches(paths, args.json_keys, args.strict))
-        for encoded, num_bad, num_bytes in results:
-            for key, documents in encoded.items():
-                for ids in documents:
-                    writers[key].add_document(ids)
-            docs += len(encoded[args.json_keys[0]])
-            bad += num_bad
-            nbytes += num_bytes
-            if args.log_interval and docs >= next_log:
-                next_log += args.log_interval * (1 + (docs - next_log) // args.log_interval)
-                elapsed = time.time() - start
-                print(f"processed {docs} documents ({docs / elapsed:.1f} docs/s, {nbytes / elapsed / 2**20:.2f} MB/s)",
-                      file=sys.stderr)
-        if pool is not None:
-            pool.close()
-            pool.join()
+class Job:
+    def __init__(self, args, group):
+        self.args, self.group = args, group
+        self.label = f"rank {group.rank}/{group.size}: " if group.size > 1 else ""
+        self.reported = 0
+
+    def report(self, message: str) -> None:
+        """One skipped line or file: an error with --strict, else a line on stderr."""
+        if self.args.strict:
+            raise BadInput(message)
+        self.note(message)
+
+    def note(self, message: str) -> None:
+        """A line on stderr, for the first MAX_REPORTED problems of this process."""
+        self.reported += 1
+        if self.reported <= MAX_REPORTED:
+            print(message, file=sys.stderr)
+        if self.reported == MAX_REPORTED:
+            print(f"{self.label}more than {MAX_REPORTED} problems: the rest are counted, not listed",
+                  file=sys.stderr)
+
+    def plan(self):
+        """Rank 0: the inputs, each rank's share of them, and the sidecar fields every output shares."""
+        args = self.args
+        paths = expand_inputs(args.input)
+        if len(args.json_keys) > 1 and any(is_plain_text(p) for p in paths):
+            raise BadInput("--json-keys: plain-text inputs hold one document per line, give a single key "
+                           "(it names the output)")
+        tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+        if args.patch_size > 1 and tokenizer.pad < 0:
+            raise BadInput(f"--patch-size {args.patch_size}: tokenizer {args.tokenizer_model} has no pad id to "
+                           "align documents with")
+        shared = dict(tokenizer_model=os.path.abspath(args.tokenizer_model),
+                      tokenizer_sha256=file_sha256(args.tokenizer_model), vocab_size=tokenizer.vocab_size,
+                      eod_id=tokenizer.eod, pad_id=tokenizer.pad, patch_size=args.patch_size,
+                      append_eod=args.append_eod, inputs=[os.path.abspath(p) for p in paths])
+        run_id = f"{socket.gethostname()}-{os.getpid()}"
+        return shared, split_inputs(paths, self.group.size), run_id
+
+    def number_my_pieces(self, pieces: List[Piece]) -> List[Piece]:
+        """Line numbers for pieces that start inside a file: every rank counts the lines of its cut pieces."""
+        counts = {(p.path, p.start): count_lines(p) for p in pieces if p.end is not None}
+        everyone = {}
+        for rank_counts in self.group.allgather(counts):
+            everyone.update(rank_counts)
+        return number_lines(pieces, everyone)
+
+    def encode(self, pieces: List[Piece], writers: Dict[str, DatasetWriter], encoder: Encoder) -> Stats:
+        args = self.args
+        stats = Stats(tokens={k: 0 for k in args.json_keys}, empty_documents={k: 0 for k in args.json_keys})
+        progress = Progress(stats, args.log_interval, self.label, sys.stderr.isatty() and self.group.size == 1)
+        try:
+            with EncodingPool(encoder, args.workers) as pool:
+                for encoded in pool.encode(read_batches(pieces)):
+                    for line, reason in encoded.skipped:
+                        self.report(f"{encoded.path}:{line}: skipped: {reason}")
+                    if encoded.error:
+                        stats.unreadable_files += 1
+                        self.report(f"{encoded.path}: {encoded.error}")
+                    for key, arrays in encoded.arrays.items():
+                        writers[key].add_documents(*arrays)
+                        stats.tokens[key] += len(arrays[0])
+                        stats.empty_documents[key] += len(encoded.empty[key])
+                        for line in encoded.empty[key]:
+                            self.note(f"{encoded.path}:{line}: note: empty document ('{key}' has no tokens): "
+                                      "recorded without sequences, as Megatron-LM does")
+                    stats.documents += encoded.num_documents
+                    stats.skipped_lines += len(encoded.skipped)
+                    stats.num_bytes += encoded.num_bytes
+                    progress.update(encoded.num_documents)
+                    if self.group.stopped_by_other():
+                        raise Stopped()
+        finally:
+            progress.close()
         for writer in writers.values():
-            writer.finalize()
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
-        for writer in writers.values():
-            writer.abort()
-        raise
-    elapsed = time.time() - start
-    tokens = sum(w.num_tokens for w in writers.values())
-    print(f"done: {docs} documents, {tokens} tokens, {bad} skipped lines, {nbytes / 2**20:.2f} MB in "
-          f"{elapsed:.1f}s -> {', '.join(output_prefix(args, k) for k in args.json_keys)}")
+            writer.close()
+        return stats
+
+    def run(self) -> bool:
+        """Everything, on every rank; True when the outputs are in place."""
+        args, group = self.args, self.group
+        start = time.time()
+        shared, pieces, run_id = from_root(group, self.plan)
+        pieces = self.number_my_pieces(pieces[group.rank])
+        dtype = token_dtype(shared["vocab_size"])
+        encoder = Encoder(args.tokenizer_model, args.json_keys, args.append_eod, args.patch_size, dtype)
+        suffix = f".tmp-{run_id}" + (f"-rank{group.rank}" if group.size > 1 else "")
+        writers = {key: DatasetWriter(output_prefix(args, key) + suffix, dtype) for key in args.json_keys}
+        failure = None
+        try:
+            stats = self.encode(pieces, writers, encoder)
+        except BaseException as e:
+            failure = e
+            group.tell_others_to_stop()
+        outcomes = group.allgather(failure is None)
+        group.settle([rank for rank, ok in enumerate(outcomes) if not ok])
+        try:
+            if failure is not None:
+                raise failure
+            if not all(outcomes):
+                raise Stopped()
+            totals = functools.reduce(Stats.add, group.allgather(stats))
+            from_root(group, lambda: self.commit(shared, totals, run_id, dtype, writers))
+        finally:
+            for writer in writers.values():
+                writer.remove()
+        if group.rank == 0:
+            elapsed = time.time() - start
+            print(f"done: {totals.documents} documents, {sum(totals.tokens.values())} tokens, "
+                  f"{totals.skipped_lines} skipped lines, {sum(totals.empty_documents.values())} empty documents, "
+                  f"{totals.unreadable_files} unreadable files, {totals.num_bytes / 2**20:.2f} MB in {elapsed:.1f}s "
+                  f"({totals.documents / elapsed:.1f} docs/s, {totals.num_bytes / elapsed / 2**20:.2f} MB/s; {group.size} rank(s) x {args.workers} worker(s)) "
+                  f"-> {', '.join(output_prefix(args, k) for k in args.json_keys)}")
+        return True
+
+    def commit(self, shared, totals: Stats, run_id: str, dtype, writers: Dict[str, DatasetWriter]) -> None:
+        """Rank 0: move the single process's datasets into place, or concatenate the ranks' partial datasets."""
+        for key, writer in writers.items():
+            metadata = dict(shared, json_key=key, skipped_lines=totals.skipped_lines,
+                            unreadable_files=totals.unreadable_files, empty_documents=totals.empty_documents[key])
+            final = output_prefix(self.args, key)
+            if self.group.size == 1:
+                writer.commit(final, metadata)
+                continue
+            merged = DatasetWriter(f"{final}.tmp-{run_id}", dtype)
+            try:
+                for rank in range(self.group.size):
+                    merged.add_dataset(f"{final}.tmp-{run_id}-rank{rank}")
+                merged.commit(final, metadata)
+            finally:
+                merged.remove()
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL files, globs or directories")
-    parser.add_argument("--json-keys", nargs="+", default=["text"])
-    parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=["SentencePieceTokenizer"])
-    parser.add_argument("--tokenizer-model", required=True)
-    parser.add_argument("--append-eod", action="store_true")
-    parser.add_argument("--patch-size", type=int, default=1, help="pad each document to a multiple of K tokens")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--log-interval", type=int, default=10000)
-    parser.add_argument("--strict", action="store_true", help="stop at the first malformed line")
+    group = parser.add_argument_group("input data")
+    group.add_argument("--input", nargs="+", required=True,
+                       help="files, globs or directories: .jsonl/.json (JSON lines) or .txt, optionally .gz/.zst")
+    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize, one dataset each")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                       help=f"one of {', '.join(SENTENCEPIECE_TYPES)} (all: a SentencePiece model, EOD = its eos id)")
+    group.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    group = parser.add_argument_group("tokenization process")
+    group.add_argument("--append-eod", action="store_true", help="append the EOD id to every document")
+    group.add_argument("--patch-size", type=int, default=1,
+                       help="pad each document (EOD included) with the pad id to a multiple of K tokens")
+    group = parser.add_argument_group("output data")
+    group.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx/.meta.json")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizer processes (per MPI rank)")
+    group.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines (0: none)")
+    group.add_argument("--strict", action="store_true", help="stop at the first unusable line or file")
+    group.add_argument("--mpi", action="store_true",
+                       help="share the work between MPI ranks (automatic under mpirun/srun with MPI)")
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.tokenizer_type not in SENTENCEPIECE_TYPES:
+        parser.error(f"--tokenizer-type {args.tokenizer_type}: not supported; this tool reads SentencePiece "
+                     f"models ({', '.join(SENTENCEPIECE_TYPES)})")
     if args.patch_size < 1:
         parser.error(f"--patch-size must be >= 1, got {args.patch_size}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     if not os.path.isfile(args.tokenizer_model):
         parser.error(f"--tokenizer-model: no such file: {args.tokenizer_model}")
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    prog = os.path.basename(sys.argv[0])
     try:
-        run(args)
+        group = process_group(args.mpi)
+        Job(args, group).run()
     except BadInput as e:
-        print(f"preprocess_data.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (Stopped, ReportedOnRoot):
+        sys.exit(1)
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"{prog}: interrupted ({e or 'SIGINT'}): no output written", file=sys.stderr)
         sys.exit(1)
 
 

@@ -1,21 +1,47 @@
-"""Writing Megatron `.bin/.idx` datasets safely, and the JSON sidecar describing them.
+"""Megatron `.bin/.idx` datasets: a streaming writer that commits atomically, and the JSON sidecar.
 
-Files are written under temporary names and renamed into place only when complete, so an interrupted run
-never leaves a dataset that looks finished and never clobbers an existing one half-way."""
+The format is megatron-core's (`megatron.core.datasets.indexed_dataset`): `.bin` holds the token ids back to
+back; `.idx` holds a header, the length of every sequence (int32), its byte offset in `.bin` (int64) and the
+sequence index ending every document (int64, starting with 0). The tests check the bytes against megatron-core's
+IndexedDatasetBuilder. It is written here with numpy alone, for two reasons: the index streams through files on
+disk, so memory stays bounded however large the corpus (megatron-core's builder keeps Python lists of every
+length), and importing megatron-core (4 s: it imports torch) is not needed to tokenize text.
+
+A dataset is complete when its sidecar `{prefix}.meta.json` exists: it is written last, after `.bin` and `.idx`
+are in place, and removed first when a dataset is replaced.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
-from typing import Iterable, Optional
+import shutil
+import signal
+import struct
+import threading
+from typing import Optional
 
 import numpy
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+_HEADER = b"MMIDIDX\x00\x00"
+_VERSION = 1
+# megatron-core's DType codes, as written in the .idx header.
+_DTYPE_CODES = {1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32, 5: numpy.int64, 6: numpy.float64,
+                7: numpy.float32, 8: numpy.uint16}
+_CODE_OF_DTYPE = {numpy.dtype(dtype): code for code, dtype in _DTYPE_CODES.items()}
+_CHUNK = 1 << 20  # index entries handled at a time when streaming
+SUFFIXES = (".bin", ".idx", ".meta.json")
 
 
-def token_dtype(vocab_size: int):
-    """Megatron-LM's choice: uint16 when every id fits, else int32."""
-    return numpy.uint16 if vocab_size < 65500 else numpy.int32
+class DatasetFormatError(ValueError):
+    pass
+
+
+def token_dtype(vocab_size: int) -> numpy.dtype:
+    """Megatron-LM's choice (DType.optimal_dtype): uint16 when every id fits, else int32."""
+    return numpy.dtype(numpy.uint16 if vocab_size < 65500 else numpy.int32)
 
 
 def sidecar_path(prefix: str) -> str:
@@ -30,57 +56,181 @@ def read_sidecar(prefix: str) -> Optional[dict]:
         return json.load(f)
 
 
-def pad_to_patch(ids: list, patch_size: int, pad_id: int) -> list:
-    """Pad a document (EOD included) to a multiple of the patch size so no patch spans two documents."""
-    remainder = len(ids) % patch_size
-    return ids + [pad_id] * (patch_size - remainder) if remainder else ids
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def _atomic_replace(tmp: str, final: str) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+class IndexHeader:
+    """What a `.idx` file says about its dataset, with the byte offsets of its three arrays."""
+
+    def __init__(self, idx_path: str):
+        with open(idx_path, "rb") as f:
+            head = f.read(len(_HEADER) + 8 + 1 + 8 + 8)
+        if len(head) < 34 or head[:9] != _HEADER:
+            raise DatasetFormatError(f"{idx_path}: not a Megatron .idx file")
+        version, code, self.num_sequences, num_document_indices = struct.unpack("<QBQQ", head[9:])
+        if version != _VERSION or code not in _DTYPE_CODES:
+            raise DatasetFormatError(f"{idx_path}: unsupported .idx version {version} or dtype code {code}")
+        self.path = idx_path
+        self.dtype = numpy.dtype(_DTYPE_CODES[code])
+        self.num_documents = num_document_indices - 1
+        self.lengths_offset = len(head)
+        self.document_indices_offset = self.lengths_offset + 12 * self.num_sequences
+        expected_size = self.document_indices_offset + 8 * num_document_indices
+        if os.path.getsize(idx_path) < expected_size:
+            raise DatasetFormatError(f"{idx_path}: truncated ({os.path.getsize(idx_path)} bytes, expected "
+                                     f"{expected_size})")
+
+    def sequence_lengths(self) -> numpy.ndarray:
+        return _mapped(self.path, numpy.int32, self.lengths_offset, self.num_sequences)
+
+    def document_indices(self) -> numpy.ndarray:
+        return _mapped(self.path, numpy.int64, self.document_indices_offset, self.num_documents + 1)
+
+
+def _mapped(path: str, dtype, offset: int, count: int) -> numpy.ndarray:
+    """`count` values at `offset` of a file, mapped rather than read (numpy cannot map zero bytes)."""
+    return numpy.memmap(path, dtype, "r", offset, (count,)) if count else numpy.empty(0, dtype)
+
+
+def _chunks(array: numpy.ndarray):
+    for start in range(0, len(array), _CHUNK):
+        yield numpy.asarray(array[start:start + _CHUNK])
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is done: a dataset half replaced is worse than a later exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in held:
+            signal.raise_signal(sig)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class DatasetWriter:
-    """Documents in, `{prefix}.bin/.idx/.meta.json` out; nothing appears under the final names until
-    `finalize()` succeeds. Use as a context manager: an exception removes the partial files."""
+    """Documents in, a dataset out. Everything is written under `{work_prefix}.*`; `commit(prefix, ...)` then
+    moves it to `{prefix}.bin/.idx/.meta.json`, so nothing appears under final names before it is complete.
+    `remove()` deletes the work files (on failure)."""
 
-    def __init__(self, prefix: str, vocab_size: int, metadata: dict):
-        self.prefix = prefix
-        self.metadata = dict(metadata, vocab_size=vocab_size, dtype=numpy.dtype(token_dtype(vocab_size)).name)
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self._tmp = f"{prefix}.tmp{os.getpid()}"
-        self._builder = IndexedDatasetBuilder(self._tmp + ".bin", dtype=token_dtype(vocab_size))
+    def __init__(self, work_prefix: str, dtype):
+        self.work_prefix = work_prefix
+        self.dtype = numpy.dtype(dtype)
+        os.makedirs(os.path.dirname(os.path.abspath(work_prefix)), exist_ok=True)
+        # The index streams to two scratch files; close() assembles the .idx from them.
+        self._bin = open(work_prefix + ".bin", "wb")
+        self._lengths = open(work_prefix + ".lengths.tmp", "wb")
+        self._document_ends = open(work_prefix + ".docs.tmp", "wb")
         self.num_documents = 0
+        self.num_sequences = 0
         self.num_tokens = 0
+        self.closed = False
 
-    def add_document(self, ids: Iterable[int]) -> None:
-        ids = numpy.asarray(ids, dtype=numpy.int64)
-        self._builder.add_document(ids, [ids.size])
-        self.num_documents += 1
-        self.num_tokens += ids.size
+    def add_documents(self, tokens: numpy.ndarray, sequence_lengths: numpy.ndarray,
+                      sequences_per_document: numpy.ndarray) -> None:
+        """Append documents: their tokens back to back, the length of each sequence, and how many sequences each
+        document has (0 for a document without tokens, as Megatron-LM records one)."""
+        self._bin.write(numpy.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self._lengths.write(numpy.asarray(sequence_lengths, dtype=numpy.int32).tobytes())
+        ends = self.num_sequences + numpy.cumsum(sequences_per_document, dtype=numpy.int64)
+        self._document_ends.write(ends.tobytes())
+        self.num_documents += len(sequences_per_document)
+        self.num_sequences += len(sequence_lengths)
+        self.num_tokens += len(tokens)
 
-    def finalize(self, extra_metadata: Optional[dict] = None) -> None:
-        self._builder.finalize(self._tmp + ".idx")
-        meta = dict(self.metadata, num_documents=self.num_documents, num_tokens=self.num_tokens)
-        meta.update(extra_metadata or {})
-        with open(self._tmp + ".meta.json", "w") as f:
+    def add_dataset(self, prefix: str) -> None:
+        """Append a whole dataset, as megatron-core's IndexedDatasetBuilder.add_index does, streaming."""
+        header = IndexHeader(prefix + ".idx")
+        if header.dtype != self.dtype:
+            raise DatasetFormatError(f"{prefix}: token dtype {header.dtype}, expected {self.dtype}")
+        num_tokens = 0
+        for lengths in _chunks(header.sequence_lengths()):
+            self._lengths.write(lengths.tobytes())
+            num_tokens += int(lengths.sum(dtype=numpy.int64))
+        bin_size = os.path.getsize(prefix + ".bin")
+        if bin_size != num_tokens * self.dtype.itemsize:
+            raise DatasetFormatError(f"{prefix}.bin: {bin_size} bytes, but its .idx describes {num_tokens} tokens "
+                                     f"of {self.dtype.itemsize} bytes")
+        for ends in _chunks(header.document_indices()[1:]):
+            self._document_ends.write((ends + self.num_sequences).tobytes())
+        with open(prefix + ".bin", "rb") as f:
+            shutil.copyfileobj(f, self._bin, 16 << 20)
+        self.num_documents += header.num_documents
+        self.num_sequences += header.num_sequences
+        self.num_tokens += num_tokens
+
+    def close(self) -> None:
+        """Write `{work_prefix}.idx` (megatron-core's _IndexWriter layout) and drop the scratch files."""
+        if self.closed:
+            return
+        for f in (self._bin, self._lengths, self._document_ends):
+            f.close()
+        lengths_path, ends_path = self.work_prefix + ".lengths.tmp", self.work_prefix + ".docs.tmp"
+        with open(self.work_prefix + ".idx", "wb") as idx:
+            idx.write(_HEADER)
+            idx.write(struct.pack("<QB", _VERSION, _CODE_OF_DTYPE[self.dtype]))
+            idx.write(struct.pack("<QQ", self.num_sequences, self.num_documents + 1))
+            with open(lengths_path, "rb") as f:
+                shutil.copyfileobj(f, idx, 16 << 20)
+            # Byte offset of each sequence in .bin: an exclusive running sum of the lengths.
+            offset = 0
+            for lengths in _chunks(_mapped(lengths_path, numpy.int32, 0, self.num_sequences)):
+                ends = offset + numpy.cumsum(lengths, dtype=numpy.int64) * self.dtype.itemsize
+                idx.write(numpy.concatenate(([offset], ends[:-1])).astype(numpy.int64).tobytes())
+                offset = int(ends[-1])
+            idx.write(numpy.zeros(1, numpy.int64).tobytes())
+            with open(ends_path, "rb") as f:
+                shutil.copyfileobj(f, idx, 16 << 20)
+        os.remove(lengths_path)
+        os.remove(ends_path)
+        self.closed = True
+
+    def commit(self, prefix: str, metadata: dict) -> None:
+        """Move the dataset to `prefix` with a sidecar of `metadata` plus its dtype and counts. An existing dataset
+        there loses its sidecar first, so an interruption between the renames never leaves a complete-looking
+        mixture of old and new files."""
+        self.close()
+        meta = dict(metadata, dtype=self.dtype.name, num_documents=self.num_documents,
+                    num_sequences=self.num_sequences, num_tokens=self.num_tokens)
+        with open(self.work_prefix + ".meta.json", "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
-        # The sidecar goes last: a reader that finds it knows .bin/.idx are complete.
-        for suffix in (".bin", ".idx", ".meta.json"):
-            _atomic_replace(self._tmp + suffix, self.prefix + suffix)
+            f.write("\n")
+        for suffix in SUFFIXES:
+            _fsync(self.work_prefix + suffix)
+        with _signals_held():
+            if os.path.exists(sidecar_path(prefix)):
+                os.remove(sidecar_path(prefix))
+            for suffix in SUFFIXES:  # the sidecar last: it marks the dataset complete
+                os.replace(self.work_prefix + suffix, prefix + suffix)
+        _fsync(os.path.dirname(os.path.abspath(prefix)))
 
-    def abort(self) -> None:
-        self._builder.data_file.close()
-        for suffix in (".bin", ".idx", ".meta.json"):
-            if os.path.exists(self._tmp + suffix):
-                os.remove(self._tmp + suffix)
+    def remove(self) -> None:
+        for f in (self._bin, self._lengths, self._document_ends):
+            f.close()
+        remove_dataset_files(self.work_prefix)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        return False
+def remove_dataset_files(prefix: str) -> None:
+    for suffix in (*SUFFIXES, ".lengths.tmp", ".docs.tmp"):
+        if os.path.exists(prefix + suffix):
+            os.remove(prefix + suffix)

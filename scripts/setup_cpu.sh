@@ -20,6 +20,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first and pinned, so nothing below can pull a CUDA build.
 "${pip[@]}" -c constraints-cpu.txt torch
 DS_BUILD_OPS=0 "${pip[@]}" -c constraints-cpu.txt -r requirements.txt -r requirements-dev.txt
+"${pip[@]}" --no-deps -r requirements-dev-nodeps.txt
 # Quiet setuptools chatter about editable wheels; on failure, rerun loudly.
 "${pip[@]}" --no-deps -e . 2>/dev/null || "${pip[@]}" --no-deps -e .
 .venv/bin/python - <<'PY'

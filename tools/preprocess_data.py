@@ -235,7 +235,7 @@ class EncodingPool:
         pending = deque()
         for batch in batches:
             pending.append(self.pool.apply_async(self.encoder.encode, (batch,)))
-            if len(pending) > 2 * self.workers:
+            while pending and (len(pending) > 2 * self.workers or pending[0].ready()):
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()

@@ -28,15 +28,11 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy
+import zstandard
 
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 
-try:
-    import zstandard
-except ImportError:  # only needed for .zst inputs
-    zstandard = None
-
-READ_ERRORS = (OSError, EOFError, zlib.error) + ((zstandard.ZstdError,) if zstandard else ())
+READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 FORMAT_SUFFIXES = (".jsonl", ".json", ".txt")
 COMPRESSION_SUFFIXES = (".gz", ".zst")
 BATCH_LINES = 256
@@ -74,8 +70,6 @@ def expand_inputs(patterns: List[str]) -> List[str]:
     repeated = [path for path, count in collections.Counter(paths).items() if count > 1]
     if repeated:
         raise BadInput(f"--input: {repeated[0]} is given more than once")
-    if any(compression_of(p) == ".zst" for p in paths) and zstandard is None:
-        raise BadInput("--input: .zst files need the zstandard package (pip install zstandard)")
     return paths
 
 

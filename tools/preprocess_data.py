@@ -124,12 +124,16 @@ class MPIGroup:
 
 
 def process_group(force_mpi: bool):
-    if not force_mpi and not any(name in os.environ for name in MPI_ENV):
+    srun_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if not force_mpi and srun_tasks == 1 and not any(name in os.environ for name in MPI_ENV):
         return SingleProcess()
     try:
         group = MPIGroup()
     except ImportError as e:
         raise BadInput(f"--mpi: mpi4py is not usable ({e})") from None
+    if group.size == 1 and srun_tasks > 1:  # N copies would each do all the work
+        raise BadInput(f"srun started {srun_tasks} tasks but MPI connects none of them: launch with "
+                       "srun --mpi=pmix (or pmi2), or run one task")
     return group if group.size > 1 else SingleProcess()
 
 

@@ -68,3 +68,13 @@ def test_a_failing_rank_fails_every_rank_and_keeps_the_earlier_output(corpus, tm
     assert f"error: {inputs[0]}:150: skipped: malformed JSON" in result.stderr and "Traceback" not in result.stderr
     assert contents(tmp_path / "out") == before
     assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+
+
+def test_srun_tasks_that_mpi_does_not_connect_are_refused(corpus, tmp_path):
+    """srun without an MPI plugin starts N independent copies: each would write the whole output."""
+    result = run([PYTHON, "tools/preprocess_data.py", "--input", str(corpus["jsonl"]), "--tokenizer-model",
+                  corpus["tokenizer"], "--output-prefix", str(tmp_path / "out")], check=False,
+                 env={"SLURM_STEP_NUM_TASKS": "2"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "srun started 2 tasks but MPI connects none of them: launch with srun --mpi=pmix" in result.stderr
+    assert not os.listdir(tmp_path)

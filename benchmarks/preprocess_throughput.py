@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Preprocessing throughput: tools/preprocess_data.py against Megatron-LM's encoding loop, at 1 and 2 workers.
+
+The corpus is real text (examples/python_docs_corpus.py, the Python documentation), repeated to --copies x 2.3 MB.
+The tokenizer is a pretrained 32k SentencePiece model (mistral-common's tokenizer.model.v1, LLaMA-2-shaped).
+Each configuration runs in its own process; peak RSS is the largest sum of resident memory over the process and
+its children (sampled every 20 ms).
+
+The baseline RE-IMPLEMENTS Megatron-LM's tools/preprocess_data.py loop (Megatron-LM itself cannot be installed
+here): a Pool of --workers processes with Encoder.initializer building megatron-core's SentencePiece tokenizer,
+`pool.imap(encoder.encode, input_file, 32)` with one json.loads and one tokenizer call per document, and the main
+process adding each document to megatron-core's IndexedDatasetBuilder. Both write the same bytes (checked).
+
+  .venv/bin/python benchmarks/preprocess_throughput.py [--copies 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class MegatronLMEncoder:
+    """Megatron-LM's Encoder (tools/preprocess_data.py), without sentence splitting, re-implemented."""
+
+    def __init__(self, tokenizer_model):
+        self.tokenizer_model = tokenizer_model
+
+    def initializer(self):
+        from megatron.core.tokenizers import MegatronTokenizer
+
+        MegatronLMEncoder.tokenizer = MegatronTokenizer.from_pretrained(
+            tokenizer_path=self.tokenizer_model, metadata_path={"library": "sentencepiece"}, legacy=False,
+            special_tokens=None)
+
+    def encode(self, json_line):
+        data = json.loads(json_line)
+        text = data["text"]
+        doc_ids, sentence_lens = [], []
+        for sentence in text if isinstance(text, list) else [text]:
+            sentence_ids = MegatronLMEncoder.tokenizer.tokenize(sentence)
+            if sentence_ids:
+                doc_ids.extend(sentence_ids)
+                sentence_lens.append(len(sentence_ids))
+        if doc_ids:
+            doc_ids.append(MegatronLMEncoder.tokenizer.eod)
+            sentence_lens[-1] += 1
+        return {"text": doc_ids}, {"text": sentence_lens}, len(json_line)
+
+
+def megatron_lm_baseline(input_path, tokenizer_model, output_prefix, workers):
+    """Megatron-LM's Partition.process_json_file loop for one file and the key "text", with --append-eod."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    encoder = MegatronLMEncoder(tokenizer_model)
+    encoder.initializer()
+    builder = IndexedDatasetBuilder(f"{output_prefix}.bin",
+                                    dtype=DType.optimal_dtype(MegatronLMEncoder.tokenizer.vocab_size))
+    with open(input_path, encoding="utf-8") as fin:
+        pool = multiprocessing.Pool(workers, initializer=encoder.initializer)
+        for doc, sentence_lens, _ in pool.imap(encoder.encode, fin, 32):
+            builder.add_document(doc["text"], sentence_lens["text"])
+        builder.finalize(f"{output_prefix}.idx")
+        pool.close()
+        pool.join()
+
+
+def measure(cmd):
+    """(seconds, peak RSS in MiB of the process tree) of a command."""
+    start = time.perf_counter()
+    proc = psutil.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [proc, *proc.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return time.perf_counter() - start, peak / 2**20
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copies", type=int, default=12, help="times the 2.3 MB corpus is repeated")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--baseline", nargs=4, metavar=("INPUT", "MODEL", "PREFIX", "WORKERS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline:
+        input_path, model, prefix, workers = args.baseline
+        return megatron_lm_baseline(input_path, model, prefix, int(workers))
+
+    model = str(resources.files("mistral_common") / "data" / "tokenizer.model.v1")
+    with tempfile.TemporaryDirectory() as tmp:
+        one = os.path.join(tmp, "one.jsonl")
+        subprocess.run([sys.executable, "examples/python_docs_corpus.py", "--output", one], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+        corpus = os.path.join(tmp, "corpus.jsonl")
+        with open(one) as f, open(corpus, "w") as out:
+            text = f.read()
+            out.write(text * args.copies)
+        size_mb = os.path.getsize(corpus) / 2**20
+        num_docs = text.count("\n") * args.copies
+        print(f"corpus: {num_docs} documents, {size_mb:.1f} MB; tokenizer: {model} (32k SentencePiece)")
+        print(f"{'':42} {'workers':>7} {'seconds':>8} {'docs/s':>8} {'MB/s':>6} {'peak RSS':>9}")
+        for workers in args.workers:
+            runs = {
+                "Megatron-LM loop (re-implemented)": [sys.executable, __file__, "--baseline", corpus, model,
+                                                      os.path.join(tmp, "megatron"), str(workers)],
+                "tools/preprocess_data.py": [sys.executable, "tools/preprocess_data.py", "--input", corpus,
+                                             "--tokenizer-model", model, "--output-prefix", os.path.join(tmp, "ours"),
+                                             "--append-eod", "--workers", str(workers), "--log-interval", "0"],
+            }
+            for name, cmd in runs.items():
+                seconds, peak = measure(cmd)
+                print(f"{name:42} {workers:>7} {seconds:>8.1f} {num_docs / seconds:>8.0f} {size_mb / seconds:>6.2f} "
+                      f"{peak:>6.0f} MiB", flush=True)
+            for suffix in (".bin", ".idx"):
+                with open(os.path.join(tmp, "megatron" + suffix), "rb") as a, \
+                        open(os.path.join(tmp, "ours_text_document" + suffix), "rb") as b:
+                    assert a.read() == b.read(), f"outputs differ ({suffix})"
+
+
+if __name__ == "__main__":
+    main()

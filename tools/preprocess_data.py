@@ -266,7 +266,7 @@ class Job:
         self.reported += 1
         if self.reported <= MAX_REPORTED:
             print(message, file=sys.stderr)
-        if self.reported == MAX_REPORTED:
+        elif self.reported == MAX_REPORTED + 1:
             print(f"{self.label}more than {MAX_REPORTED} problems: the rest are counted, not listed",
                   file=sys.stderr)
 
@@ -327,8 +327,9 @@ class Job:
             writer.close()
         return stats
 
-    def run(self) -> bool:
-        """Everything, on every rank; True when the outputs are in place."""
+    def run(self) -> None:
+        """Everything, on every rank. Each rank's own work is in one try, so that every rank reaches the
+        collectives after it whatever happens (a rank that dies outright is mpirun's or srun's to kill)."""
         args, group = self.args, self.group
         start = time.time()
         shared, pieces, run_id = from_root(group, self.plan)
@@ -336,9 +337,11 @@ class Job:
         dtype = token_dtype(shared["vocab_size"])
         encoder = Encoder(args.tokenizer_model, args.json_keys, args.append_eod, args.patch_size, dtype)
         suffix = f".tmp-{run_id}" + (f"-rank{group.rank}" if group.size > 1 else "")
-        writers = {key: DatasetWriter(output_prefix(args, key) + suffix, dtype) for key in args.json_keys}
+        writers = {}
         failure = None
         try:
+            for key in args.json_keys:
+                writers[key] = DatasetWriter(output_prefix(args, key) + suffix, dtype)
             stats = self.encode(pieces, writers, encoder)
         except BaseException as e:
             failure = e
@@ -360,9 +363,9 @@ class Job:
             print(f"done: {totals.documents} documents, {sum(totals.tokens.values())} tokens, "
                   f"{totals.skipped_lines} skipped lines, {sum(totals.empty_documents.values())} empty documents, "
                   f"{totals.unreadable_files} unreadable files, {totals.num_bytes / 2**20:.2f} MB in {elapsed:.1f}s "
-                  f"({totals.documents / elapsed:.1f} docs/s, {totals.num_bytes / elapsed / 2**20:.2f} MB/s; {group.size} rank(s) x {args.workers} worker(s)) "
-                  f"-> {', '.join(output_prefix(args, k) for k in args.json_keys)}")
-        return True
+                  f"({totals.documents / elapsed:.1f} docs/s, {totals.num_bytes / elapsed / 2**20:.2f} MB/s; "
+                  f"{group.size} rank(s) x {args.workers} worker(s)) -> "
+                  f"{', '.join(output_prefix(args, k) for k in args.json_keys)}")
 
     def commit(self, shared, totals: Stats, run_id: str, dtype, writers: Dict[str, DatasetWriter]) -> None:
         """Rank 0: move the single process's datasets into place, or concatenate the ranks' partial datasets."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import collections
 import glob
+import gzip
 import io
 import itertools
 import json
@@ -113,17 +114,20 @@ def split_inputs(paths: List[str], num_ranks: int) -> List[List[Piece]]:
 
 def count_lines(piece: Piece) -> int:
     """How many lines start in the piece (it must have an end): the newlines in [start-1, end-1), plus the first
-    line when the piece starts the file."""
+    line when the piece starts the file. A file that cannot be read counts 0: reading it will report it."""
     count = int(piece.start == 0)
-    with open(piece.path, "rb") as f:
-        f.seek(max(piece.start - 1, 0))
-        remaining = piece.end - 1 - max(piece.start - 1, 0)
-        while remaining > 0:
-            block = f.read(min(remaining, 16 << 20))
-            if not block:
-                break
-            count += block.count(b"\n")
-            remaining -= len(block)
+    try:
+        with open(piece.path, "rb") as f:
+            f.seek(max(piece.start - 1, 0))
+            remaining = piece.end - 1 - max(piece.start - 1, 0)
+            while remaining > 0:
+                block = f.read(min(remaining, 16 << 20))
+                if not block:
+                    break
+                count += block.count(b"\n")
+                remaining -= len(block)
+    except OSError:
+        return 0
     return count
 
 
@@ -176,8 +180,6 @@ class _ZstdReader(io.RawIOBase):
 def _open(path: str):
     compression = compression_of(path)
     if compression == ".gz":
-        import gzip
-
         return gzip.open(path, "rb")
     if compression == ".zst":
         return io.BufferedReader(_ZstdReader(path), 1 << 20)

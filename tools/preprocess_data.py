@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_patch.data.corpus import (  # noqa: E402
     BadInput, Encoder, Piece, count_lines, expand_inputs, is_plain_text, number_lines, read_batches, split_inputs,
 )
-from megatron_patch.data.indexed import DatasetWriter, file_sha256, remove_dataset_files, token_dtype  # noqa: E402
+from megatron_patch.data.indexed import DatasetWriter, file_sha256, token_dtype  # noqa: E402
 from megatron_patch.data.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")

@@ -433,7 +433,7 @@ def main(argv=None):
     except (Stopped, ReportedOnRoot):
         sys.exit(1)
     except (KeyboardInterrupt, Terminated) as e:
-        print(f"{prog}: interrupted ({e or 'SIGINT'}): no output written", file=sys.stderr)
+        print(f"{prog}: interrupted ({e or 'SIGINT'}): unfinished outputs removed", file=sys.stderr)
         sys.exit(1)
 
 

@@ -414,7 +414,7 @@ def test_interrupted_run_leaves_nothing_complete_and_the_earlier_output_intact(c
     assert not _live_processes_in_group(proc.pid)
     leftovers = temporary_files(tmp_path)
     if how == "SIGTERM":
-        assert not leftovers and "interrupted (SIGTERM): no output written" in proc.stderr.read()
+        assert not leftovers and "interrupted (SIGTERM): unfinished outputs removed" in proc.stderr.read()
     else:  # nothing can clean up after kill -9, but nothing there looks like a dataset
         assert all(".tmp-" in name and not name.endswith(".meta.json") for name in leftovers)
 

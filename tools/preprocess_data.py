@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import multiprocessing
 import os
 import signal
@@ -43,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_patch.data.corpus import (  # noqa: E402
     BadInput, Encoder, Piece, count_lines, expand_inputs, is_plain_text, number_lines, read_batches, split_inputs,
 )
-from megatron_patch.data.indexed import DatasetWriter, file_sha256, token_dtype  # noqa: E402
+from megatron_patch.data.indexed import DatasetWriter, token_dtype  # noqa: E402
 from megatron_patch.data.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
@@ -281,10 +282,12 @@ class Job:
         if args.patch_size > 1 and tokenizer.pad < 0:
             raise BadInput(f"--patch-size {args.patch_size}: tokenizer {args.tokenizer_model} has no pad id to "
                            "align documents with")
-        shared = dict(tokenizer_model=os.path.abspath(args.tokenizer_model),
-                      tokenizer_sha256=file_sha256(args.tokenizer_model), vocab_size=tokenizer.vocab_size,
-                      eod_id=tokenizer.eod, pad_id=tokenizer.pad, patch_size=args.patch_size,
-                      append_eod=args.append_eod, inputs=[os.path.abspath(p) for p in paths])
+        with open(args.tokenizer_model, "rb") as f:
+            tokenizer_sha256 = hashlib.sha256(f.read()).hexdigest()
+        shared = dict(tokenizer_model=os.path.abspath(args.tokenizer_model), tokenizer_sha256=tokenizer_sha256,
+                      vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod, pad_id=tokenizer.pad,
+                      patch_size=args.patch_size, append_eod=args.append_eod,
+                      inputs=[os.path.abspath(p) for p in paths])
         run_id = f"{socket.gethostname()}-{os.getpid()}"
         return shared, split_inputs(paths, self.group.size), run_id
 

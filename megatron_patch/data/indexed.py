@@ -14,7 +14,6 @@ are in place, and removed first when a dataset is replaced.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -54,14 +53,6 @@ def read_sidecar(prefix: str) -> Optional[dict]:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class IndexHeader:

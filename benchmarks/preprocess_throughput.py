@@ -3,7 +3,8 @@
 
 The corpus is real text (examples/python_docs_corpus.py, the Python documentation), repeated to --copies x 2.3 MB.
 The tokenizer is a pretrained 32k SentencePiece model (mistral-common's tokenizer.model.v1, LLaMA-2-shaped).
-Each configuration runs in its own process, --repeats times (the fastest run is shown); peak memory is the largest
+Each configuration runs in its own process, --repeats times (the fastest run is shown), with its CPU time per MB
+(all its processes; unlike wall time it hardly moves when other jobs share the machine); peak memory is the largest
 sum over the process and its children of their proportional set size (PSS: resident memory, pages shared between
 processes split among them; sampled every 50 ms).
 
@@ -78,20 +79,22 @@ def megatron_lm_baseline(input_path, tokenizer_model, output_prefix, workers):
 
 
 def measure(cmd):
-    """(seconds, peak memory in MiB of the process tree) of a command."""
+    """(seconds, CPU seconds, peak memory in MiB) of a command and the processes it starts. CPU time (user + system,
+    the last sample of each process) shows the work done even when other jobs share the machine."""
     start = time.perf_counter()
     proc = psutil.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-    peak = 0
+    peak, cpu = 0, {}
     while proc.poll() is None:
         try:
             tree = [proc, *proc.children(recursive=True)]
             peak = max(peak, sum(p.memory_full_info().pss for p in tree))
+            cpu.update({p.pid: sum(p.cpu_times()[:2]) for p in tree})
         except psutil.Error:
             pass
         time.sleep(0.05)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return time.perf_counter() - start, peak / 2**20
+    return time.perf_counter() - start, sum(cpu.values()), peak / 2**20
 
 
 def main():
@@ -117,7 +120,7 @@ def main():
         size_mb = os.path.getsize(corpus) / 2**20
         num_docs = text.count("\n") * args.copies
         print(f"corpus: {num_docs} documents, {size_mb:.1f} MB; tokenizer: {model} (32k SentencePiece)")
-        print(f"{'':42} {'workers':>7} {'seconds':>8} {'docs/s':>8} {'MB/s':>6} {'peak PSS':>9}")
+        print(f"{'':34} {'workers':>7} {'seconds':>7} {'docs/s':>6} {'MB/s':>5} {'CPU s/MB':>8} {'peak PSS':>9}")
         for workers in args.workers:
             runs = {
                 "Megatron-LM loop (re-implemented)": [sys.executable, __file__, "--baseline", corpus, model,
@@ -128,9 +131,9 @@ def main():
             }
             for name, cmd in runs.items():
                 # The fastest of --repeats runs: other work on the machine only ever slows a run down.
-                seconds, peak = min(measure(cmd) for _ in range(args.repeats))
-                print(f"{name:42} {workers:>7} {seconds:>8.1f} {num_docs / seconds:>8.0f} {size_mb / seconds:>6.2f} "
-                      f"{peak:>6.0f} MiB", flush=True)
+                seconds, cpu, peak = min(measure(cmd) for _ in range(args.repeats))
+                print(f"{name:34} {workers:>7} {seconds:>7.1f} {num_docs / seconds:>6.0f} {size_mb / seconds:>5.2f} "
+                      f"{cpu / size_mb:>8.3f} {peak:>5.0f} MiB", flush=True)
             for suffix in (".bin", ".idx"):
                 with open(os.path.join(tmp, "megatron" + suffix), "rb") as a, \
                         open(os.path.join(tmp, "ours_text_document" + suffix), "rb") as b:

@@ -139,6 +139,11 @@ def test_pretrained_32k_sentencepiece_model(tmp_path):
         assert ids[-1] == tok.eod and tok.detokenize(ids[:-1]) == text
     byte_pieces = [piece for piece in map(tok._sp.id_to_piece, dataset[2].tolist()) if piece.startswith("<0x")]
     assert [int(piece[3:5], 16) for piece in byte_pieces] == list("ꙮ𓀀".encode())  # not in the vocabulary
+    # LLaMA-2's tokenizer has no pad id to align patches with: a one-line error, nothing written.
+    result = preprocess(model, [jsonl], tmp_path / "aligned", "--patch-size", "4", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"--patch-size 4: tokenizer {model} has no pad id" in result.stderr
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("aligned")]
 
 
 def test_every_input_format_gives_the_same_dataset(corpus, tmp_path):

@@ -33,6 +33,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_patch import checkpoint, parallel, plan, reshard
 from megatron_patch.config import ConfigError, TrainingConfig, parse_args, parse_blend, to_dict
 from megatron_patch.data.dataset import DataError, build_datasets
+from megatron_patch.data.indexed import read_sidecar
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.model import PatchGPTModel, build_model, transformer_config
 
@@ -58,6 +59,17 @@ def dataset_sizes(data_path) -> list:
         sizes.append({"weight": weights[i] if weights else None, "documents": int(lengths.size),
                       "tokens": int(lengths.sum(dtype="int64"))})
     return sizes
+
+
+def alignment_pad_id(prefixes, tokenizer) -> int:
+    """The id preprocessing padded documents with (their sidecars; the tokenizer's pad id for datasets without
+    one): labels equal to it get no loss. Datasets of one blend must agree."""
+    sidecars = [read_sidecar(prefix) for prefix in prefixes]
+    ids = {s["pad_id"] for s in sidecars if s and s.get("patch_size", 1) > 1}
+    if len(ids) > 1:
+        raise DataError(f"--data-path: the datasets were padded with different pad ids {sorted(ids)}; "
+                        f"preprocess them with one --pad-id")
+    return ids.pop() if ids else tokenizer.pad
 
 
 def log(message: str) -> None:
@@ -278,10 +290,10 @@ class Trainer:
         """(train, validation) PatchGPTDatasets; validation is None when --split gives it nothing."""
         cfg = self.cfg
         prefixes, weights = parse_blend(cfg.data.data_path)
+        pad_id = alignment_pad_id(prefixes, self.tokenizer)
         train, valid, _ = build_datasets(
             prefixes, weights, cfg.data.split, self.tokenizer, cfg.patch_size, cfg.num_patches,
-            _num_samples(cfg), cfg.seed, self.tokenizer.pad, cfg.data.data_cache_path, lambda: True,
-            cfg.data.train_data_range,
+            _num_samples(cfg), cfg.seed, pad_id, cfg.data.data_cache_path, lambda: True, cfg.data.train_data_range,
         )
         return train, valid
 

@@ -279,13 +279,17 @@ class Job:
             raise BadInput("--json-keys: plain-text inputs hold one document per line, give a single key "
                            "(it names the output)")
         tokenizer = SentencePieceTokenizer(args.tokenizer_model)
-        if args.patch_size > 1 and tokenizer.pad < 0:
+        pad_id = tokenizer.pad if args.pad_id is None else args.pad_id
+        if args.patch_size > 1 and pad_id < 0:
             raise BadInput(f"--patch-size {args.patch_size}: tokenizer {args.tokenizer_model} has no pad id to "
-                           "align documents with")
+                           "align documents with; give one with --pad-id (e.g. its unk id)")
+        if args.pad_id is not None and not (0 <= pad_id < tokenizer.vocab_size and pad_id != tokenizer.eod):
+            raise BadInput(f"--pad-id {pad_id}: needs an id of the tokenizer's {tokenizer.vocab_size} other than "
+                           f"its EOD id {tokenizer.eod}")
         with open(args.tokenizer_model, "rb") as f:
             tokenizer_sha256 = hashlib.sha256(f.read()).hexdigest()
         shared = dict(tokenizer_model=os.path.abspath(args.tokenizer_model), tokenizer_sha256=tokenizer_sha256,
-                      vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod, pad_id=tokenizer.pad,
+                      vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod, pad_id=pad_id,
                       patch_size=args.patch_size, append_eod=args.append_eod,
                       inputs=[os.path.abspath(p) for p in paths])
         run_id = f"{socket.gethostname()}-{os.getpid()}"
@@ -338,7 +342,8 @@ class Job:
         shared, pieces, run_id = from_root(group, self.plan)
         pieces = self.number_my_pieces(pieces[group.rank])
         dtype = token_dtype(shared["vocab_size"])
-        encoder = Encoder(args.tokenizer_model, args.json_keys, args.append_eod, args.patch_size, dtype)
+        encoder = Encoder(args.tokenizer_model, args.json_keys, args.append_eod, args.patch_size,
+                          shared["pad_id"], dtype)
         suffix = f".tmp-{run_id}" + (f"-rank{group.rank}" if group.size > 1 else "")
         writers = {}
         failure = None
@@ -402,6 +407,9 @@ def build_parser():
     group.add_argument("--append-eod", action="store_true", help="append the EOD id to every document")
     group.add_argument("--patch-size", type=int, default=1,
                        help="pad each document (EOD included) with the pad id to a multiple of K tokens")
+    group.add_argument("--pad-id", type=int, default=None,
+                       help="the id padding documents to whole patches (default: the tokenizer's pad id; "
+                            "tokenizers without one, like LLaMA-2's, need it); the trainer masks it from the loss")
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx/.meta.json")
     group = parser.add_argument_group("runtime")

@@ -260,8 +260,10 @@ class Encoder:
 
     tokenizer: Optional[SentencePieceTokenizer] = None  # one per process, loaded by load()
 
-    def __init__(self, tokenizer_model: str, json_keys: List[str], append_eod: bool, patch_size: int, dtype):
+    def __init__(self, tokenizer_model: str, json_keys: List[str], append_eod: bool, patch_size: int, pad_id: int,
+                 dtype):
         self.tokenizer_model = tokenizer_model
+        self.pad_id = pad_id
         self.json_keys = json_keys
         self.append_eod = append_eod
         self.patch_size = patch_size
@@ -360,7 +362,7 @@ class Encoder:
             if k > 1:
                 # One sequence per document: PatchGPTDataset needs every sequence to be whole patches.
                 seq_lengths = [sum(seq_lengths)]
-                tail += [tok.pad] * (-(seq_lengths[0] + len(tail)) % k)
+                tail += [self.pad_id] * (-(seq_lengths[0] + len(tail)) % k)
             seq_lengths[-1] += len(tail)
             parts += kept
             parts.append(tail)

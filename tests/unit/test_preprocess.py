@@ -26,6 +26,7 @@ from megatron_patch.data import corpus as corpus_module
 from megatron_patch.data.corpus import Piece, count_lines, number_lines, read_batches, read_lines, split_inputs
 from megatron_patch.data.indexed import DatasetWriter, read_sidecar
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
+from megatron_patch.train import alignment_pad_id
 
 PREPROCESS = "tools/preprocess_data.py"
 MERGE = "tools/merge_datasets.py"
@@ -139,11 +140,22 @@ def test_pretrained_32k_sentencepiece_model(tmp_path):
         assert ids[-1] == tok.eod and tok.detokenize(ids[:-1]) == text
     byte_pieces = [piece for piece in map(tok._sp.id_to_piece, dataset[2].tolist()) if piece.startswith("<0x")]
     assert [int(piece[3:5], 16) for piece in byte_pieces] == list("ꙮ𓀀".encode())  # not in the vocabulary
-    # LLaMA-2's tokenizer has no pad id to align patches with: a one-line error, nothing written.
+    # LLaMA-2's tokenizer has no pad id to align patches with: a one-line error, nothing written ...
     result = preprocess(model, [jsonl], tmp_path / "aligned", "--patch-size", "4", check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"--patch-size 4: tokenizer {model} has no pad id" in result.stderr
+    assert f"--patch-size 4: tokenizer {model} has no pad id" in result.stderr and "--pad-id" in result.stderr
     assert not [name for name in os.listdir(tmp_path) if name.startswith("aligned")]
+    # ... unless given one (its unk id), which the sidecar records for the trainer's loss mask.
+    preprocess(model, [jsonl], tmp_path / "aligned", "--patch-size", "4", "--pad-id", "0")
+    aligned = IndexedDataset(str(tmp_path / "aligned_text_document"))
+    for i in range(len(texts)):
+        ids = aligned[i].tolist()
+        assert len(ids) % 4 == 0 and ids[:len(dataset[i])] == dataset[i].tolist()
+        assert set(ids[len(dataset[i]):]) <= {0}
+    assert read_sidecar(str(tmp_path / "aligned_text_document"))["pad_id"] == 0
+    assert alignment_pad_id([str(tmp_path / "aligned_text_document")], tok) == 0
+    result = preprocess(model, [jsonl], tmp_path / "bad", "--patch-size", "4", "--pad-id", str(tok.eod), check=False)
+    assert result.returncode != 0 and f"--pad-id {tok.eod}: needs an id" in result.stderr
 
 
 def test_every_input_format_gives_the_same_dataset(corpus, tmp_path):

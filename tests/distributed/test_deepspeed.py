@@ -139,3 +139,22 @@ def test_phase2_under_deepspeed_starts_from_zero3_phase1(corpus, tmp_path, refer
     assert "initialised weights from" in stdout and "fresh optimizer" in stdout
     assert_same_run(train_losses(corpus, tmp_path, 1, 1, ["--pretrained-checkpoint", str(reference[4][1])], STEPS),
                     series)
+
+
+def test_a_two_phase_plan_under_deepspeed_gives_the_plan_without(corpus, tmp_path):
+    """Both phases of a plan in one command, ZeRO-2 on 2 processes (phase 2's fresh engine from phase 1's
+    exported weights) == the same plan without DeepSpeed on one process."""
+    def phase_losses(out, launch, extra):
+        run([*launch, f"{ROOT}/pretrain_patch_gpt.py", *phase_flags(corpus, out, 4, [
+            "--patch-fraction", "0.6", "--seq-length", "32", "--global-batch-size", "16", "--micro-batch-size", "2",
+            "--save", str(out / "ckpt"), "--log-json", str(out / "log.jsonl"), *extra], steps=10)])
+        losses = []
+        for phase in ("phase1", "phase2"):
+            with open(out / f"log.{phase}.jsonl") as f:
+                losses.append([json.loads(line)["loss"] for line in f if '"loss"' in line])
+        return losses
+
+    without = phase_losses(tmp_path / "plain", [PYTHON], [])
+    with_zero2 = phase_losses(tmp_path / "zero2", torchrun(2), zero(2))
+    for ours, theirs in zip(without, with_zero2):
+        assert len(ours) == len(theirs) > 1 and ours == pytest.approx(theirs, rel=1e-5)

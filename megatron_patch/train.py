@@ -464,6 +464,9 @@ def pretrain(cfg: TrainingConfig) -> dict:
         "first_train_loss": _mean(losses[: max(1, len(losses) // 4)]),
         "final_train_loss": _mean(losses[-max(1, len(losses) // 4):]),
         "valid_loss": valid_loss,
+        # Where the phase stands (a run stopped early by a signal resumes from here with --load).
+        "iteration": trainer.iteration,
+        "train_iters": cfg.train_iters,
     }
     log("phase summary: " + json.dumps(summary))
     if log_file:

@@ -1,0 +1,155 @@
+"""The Slurm scripts (slurm/) on a real Slurm with two nodes: the chained two-phase plan, pre-emption (save,
+requeue, resume), preprocessing over two nodes, settings checks and shellcheck."""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from conftest import PYTHON, ROOT, TINY_MODEL_FLAGS, run
+from megatron_patch import checkpoint
+from slurm_harness import ensure_programs, slurm_cluster  # noqa: F401  (fixture)
+
+SLURM_DIR = os.path.join(ROOT, "slurm")
+SCRIPTS = sorted(glob.glob(f"{SLURM_DIR}/*.sh") + glob.glob(f"{SLURM_DIR}/*.sbatch"))
+
+
+def settings(corpus, out, **overrides):
+    """The scripts' environment for the tiny model, one process per node: phase 1 reads 8 samples of 128 tokens
+    (32 patches of 4) per step, phase 2 32 samples of 32 tokens."""
+    return {
+        "PYTHON": PYTHON, "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "1",
+        "TOKENIZER_MODEL": corpus["tokenizer"], "DATA_PATH": corpus["aligned4"], "CKPT_DIR": str(out / "ckpt"),
+        "PATCH_SIZE": "4", "SEQ_LENGTH": "32", "GLOBAL_BATCH_SIZE": "32", "MICRO_BATCH_SIZE": "2",
+        "MODEL_ARGS": " ".join(TINY_MODEL_FLAGS), "OPTIMIZER_ARGS": "--lr 3e-3 --lr-warmup-iters 1",
+        "EXTRA_ARGS": f"--data-cache-path {out / 'cache'} --eval-interval 1000 --eval-iters 1",
+        # This machine's Open MPI speaks only PMIx, which Slurm's plugin cannot serve to two emulated nodes on one
+        # host; Open MPI's mpirun starts one rank per Slurm task instead (through srun).
+        "MPI_LAUNCHER": "mpirun", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        **overrides,
+    }
+
+
+def read_log_json(path):
+    """(per-step records, phase summaries) of a --log-json file that may hold several runs of one phase."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if "loss" in r], [r["summary"] for r in records if "summary" in r]
+
+
+def job_output(directory, name, job_id):
+    return (directory / f"{name}-{job_id}.out").read_text()
+
+
+def assert_completed(cluster, directory, name, job_id, restarts=0):
+    state = cluster.wait_job(job_id)
+    output = (directory / f"{name}-{job_id}.out")
+    assert state == ("COMPLETED", "0:0", restarts), (state, output.read_text() if output.exists() else "no output")
+
+
+@pytest.fixture(scope="module")
+def two_phase_plan(slurm_cluster, corpus, tmp_path_factory):
+    """slurm/submit_two_phase.sh run once: preprocessing, phase 1 and phase 2, each on both nodes."""
+    out = tmp_path_factory.mktemp("plan")
+    env = settings(corpus, out, DATA_PATH="", INPUT=str(corpus["jsonl"]), OUTPUT_PREFIX=str(out / "corpus"),
+                   PHASE1_TRAIN_ITERS="30", PHASE2_TRAIN_ITERS="4")
+    started = time.time()
+    submitted = slurm_cluster.command("bash", f"{SLURM_DIR}/submit_two_phase.sh", "--nodes=2", env=env, cwd=out)
+    jobs = dict(re.findall(r"^(preprocess|phase \d): job (\d+)$", submitted.stdout, re.M))
+    assert list(jobs) == ["preprocess", "phase 1", "phase 2"], submitted.stdout
+    for step, name in [("preprocess", "preprocess"), ("phase 1", "phase1"), ("phase 2", "phase2")]:
+        assert_completed(slurm_cluster, out, name, jobs[step])
+    print(f"two-phase plan on Slurm: {time.time() - started:.0f} s")
+    return {"dir": out, "jobs": jobs}
+
+
+def test_two_phase_plan_runs_phase_2_from_phase_1_weights(two_phase_plan):
+    out, jobs = two_phase_plan["dir"], two_phase_plan["jobs"]
+    ckpt = out / "ckpt"
+    phase1, phase2 = job_output(out, "phase1", jobs["phase 1"]), job_output(out, "phase2", jobs["phase 2"])
+    for output, patch_size, iters in [(phase1, 4, 30), (phase2, 1, 4)]:
+        # One launcher per node, two trainer processes in all, each phase complete.
+        assert "nodes n[1-2], 1 processes per node" in output and "world size 2" in output, output
+        phase = 1 if patch_size > 1 else 2
+        assert checkpoint.latest_iteration(str(ckpt / f"phase{phase}")) == iters
+        steps, summaries = read_log_json(ckpt / f"phase{phase}.jsonl")
+        assert [s["iteration"] for s in steps] == list(range(1, iters + 1))
+        assert [(s["patch_size"], s["iteration"], s["train_iters"]) for s in summaries] == [(patch_size, iters, iters)]
+    assert f"initialised weights from {ckpt}/phase1 (iteration 30)" in phase2, phase2
+    # Phase 2 starts where phase 1 left the model, not from a fresh one (loss ~ln(1000) = 6.9).
+    first_loss = [read_log_json(ckpt / f"phase{p}.jsonl")[0][0]["loss"] for p in (1, 2)]
+    assert first_loss[1] < first_loss[0] - 0.3, first_loss
+
+
+def test_preprocessing_on_two_nodes_equals_one_process(two_phase_plan, corpus):
+    """The chain's preprocessing (one rank per node) wrote the same bytes as one process (the corpus fixture's
+    dataset: same input, tokenizer, --append-eod --patch-size 4)."""
+    out, jobs = two_phase_plan["dir"], two_phase_plan["jobs"]
+    assert "2 ranks on n[1-2]" in job_output(out, "preprocess", jobs["preprocess"])
+    for suffix in (".bin", ".idx"):
+        with open(f"{out}/corpus_text_document{suffix}", "rb") as two_nodes, open(corpus["aligned4"] + suffix, "rb") as one:
+            assert two_nodes.read() == one.read(), suffix
+
+
+def test_preemption_signal_saves_requeues_and_completes(slurm_cluster, corpus, tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@300 sends before the time limit): the trainers stop after a
+    step with a checkpoint, the job requeues itself, resumes with --load and ends at the planned iteration."""
+    iters = 200
+    env = settings(corpus, tmp_path, PHASE1_TRAIN_ITERS=str(iters))
+    job = slurm_cluster.sbatch("--nodes=2", f"{SLURM_DIR}/phase.sbatch", "1", env=env, cwd=tmp_path)
+    log_json = tmp_path / "ckpt" / "phase1.jsonl"
+    deadline = time.time() + 120
+    while not (log_json.exists() and len(read_log_json(log_json)[0]) >= 2):  # the trainers are in their loop
+        assert time.time() < deadline and slurm_cluster.job_state(job)[0] in ("PENDING", "RUNNING"), \
+            job_output(tmp_path, "phase", job)
+        time.sleep(0.2)
+    slurm_cluster.command("scancel", "--signal=USR1", "--batch", job)
+    assert_completed(slurm_cluster, tmp_path, "phase", job, restarts=1)
+
+    output = job_output(tmp_path, "phase", job)
+    steps, summaries = read_log_json(log_json)
+    stopped = summaries[0]["iteration"]
+    assert [(s["iteration"], s["train_iters"]) for s in summaries] == [(stopped, iters), (iters, iters)]
+    assert 2 <= stopped < iters
+    assert "stopping after iteration" in output and f"requeueing job {job}" in output, output
+    assert f"restart 1, nodes n[1-2]" in output and f"resumed from {tmp_path}/ckpt/phase1 at iteration {stopped}" in output
+    # Each step exactly once: the second run went on from the checkpoint of the first.
+    assert [s["iteration"] for s in steps] == list(range(1, iters + 1))
+    assert checkpoint.latest_iteration(str(tmp_path / "ckpt" / "phase1")) == iters
+
+
+def run_script(script, *args, env):
+    """A script run directly (no sbatch) with exactly `env` plus PATH."""
+    return subprocess.run(["bash", f"{SLURM_DIR}/{script}", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={"PATH": os.environ["PATH"], **env})
+
+
+@pytest.mark.parametrize("script, args, missing", [
+    ("phase.sbatch", ["1"], "DATA_PATH, TOKENIZER_MODEL, CKPT_DIR, PHASE1_TRAIN_ITERS or PHASE1_TRAIN_TOKENS"),
+    ("phase.sbatch", ["2"], "DATA_PATH, TOKENIZER_MODEL, CKPT_DIR, PHASE2_TRAIN_ITERS or PHASE2_TRAIN_TOKENS"),
+    ("preprocess.sbatch", [], "INPUT, OUTPUT_PREFIX, TOKENIZER_MODEL"),
+    ("submit_two_phase.sh", [], "DATA_PATH, TOKENIZER_MODEL, CKPT_DIR, PHASE1_TRAIN_ITERS or PHASE1_TRAIN_TOKENS"),
+])
+def test_missing_settings_fail_before_any_work(script, args, missing):
+    result = run_script(script, *args, env={})
+    checked_by = "preprocess.sbatch" if script == "preprocess.sbatch" else "phase.sbatch"
+    assert (result.returncode, result.stdout) == (2, "")  # for submit_two_phase.sh: nothing queued
+    assert result.stderr == (f"{checked_by}: error: missing settings: {missing} (environment variables; see the "
+                             "Slurm section of README.md)\n")
+
+
+def test_phase_script_outside_a_job_says_so():
+    result = run_script("phase.sbatch", "1", env={"DATA_PATH": "data", "TOKENIZER_MODEL": "tok.model",
+                                                  "CKPT_DIR": "ckpt", "PHASE1_TRAIN_ITERS": "4"})
+    assert result.returncode == 2
+    assert result.stderr == ("phase.sbatch: error: not inside a Slurm job: submit with sbatch (settings check only: "
+                             "--check)\n")
+
+
+def test_scripts_pass_shellcheck():
+    ensure_programs(["shellcheck"], ["shellcheck"])
+    run(["shellcheck", "-x", *SCRIPTS])

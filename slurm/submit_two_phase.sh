@@ -4,21 +4,19 @@
 # with INPUT set the data is preprocessed first into OUTPUT_PREFIX (DATA_PATH defaults to its text dataset).
 # Arguments are sbatch options for every job:
 #
-#   INPUT='raw/*.jsonl' OUTPUT_PREFIX=data/corpus TOKENIZER_MODEL=tok.model CKPT_DIR=ckpt \
-#   PHASE1_TRAIN_TOKENS=240000000000 PHASE2_TRAIN_TOKENS=120000000000 \
+#   INPUT='raw/*.jsonl' OUTPUT_PREFIX=data/corpus TOKENIZER_MODEL=tok.model CKPT_DIR=ckpt TRAIN_TOKENS=360000000000 \
 #       bash slurm/submit_two_phase.sh -N 16 --gpus-per-node 8 --time 24:00:00
 #
-# Prints one line per job: "<step>: job <id>".
+# Prints the plan, then one line per job: "<step>: job <id>".
 set -euo pipefail
 slurm_dir=$(dirname "${BASH_SOURCE[0]}")
 
-# Every setting is checked before anything is queued.
+# Every setting, and the plan, is checked before anything is queued.
 if [ -n "${INPUT:-}" ]; then
   bash "$slurm_dir/preprocess.sbatch" --check
   export DATA_PATH=${DATA_PATH:-${OUTPUT_PREFIX}_text_document}
 fi
-bash "$slurm_dir/phase.sbatch" --check 1
-bash "$slurm_dir/phase.sbatch" --check 2
+bash "$slurm_dir/phase.sbatch" --check
 
 after=()
 if [ -n "${INPUT:-}" ]; then

@@ -1,6 +1,7 @@
 """A real Slurm on this machine for the tests of slurm/: a controller and two emulated compute nodes n1 and n2 on
-localhost, each with its own slurmd. Installed with apt-get when missing (as root); every daemon it starts is
-stopped at the end, also when a test fails, and what a killed earlier session left behind is cleaned up first.
+localhost, each with its own slurmd. Installed with apt-get when missing (as root). Every process a session starts
+(daemons, job steps, jobs) carries its mark in the environment: all of them are stopped at the end, also when a
+test fails, and what a killed earlier session left behind is cleaned up first.
 
 Authentication is `auth/none` (one machine, no munge daemon to run). n1/n2 must resolve to 127.0.0.1 for the
 scripts' rendezvous on the first node: the harness adds an /etc/hosts line, tagged with its pid, and removes it.
@@ -26,6 +27,7 @@ NODES = ("n1", "n2")
 RUNTIME_ROOT = Path(tempfile.gettempdir()) / "megatron-patch-slurm"
 HOSTS_FILE = Path("/etc/hosts")
 HOSTS_TAG = "# megatron-patch tests/slurm pid="
+SESSION_VARIABLE = "MEGATRON_PATCH_SLURM_SESSION"  # = the pytest pid, in every process a session starts
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED"}
 
@@ -52,29 +54,29 @@ def _alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+def _stale(session: int) -> bool:
+    """A session that cannot clean up any more: its pytest is gone (or was an earlier holder of our pid)."""
+    return session == os.getpid() or not _alive(session)
 
 
-def _daemon_pids(directory: Path) -> list[int]:
-    """Daemons of the cluster in `directory` that still run: pid files whose process names this directory's config
-    on its command line (so a reused pid is never taken for ours)."""
-    pids = []
-    for pid_file in directory.glob("*.pid"):
+def _session_processes() -> dict:
+    """{session: [pids]}: the processes carrying SESSION_VARIABLE, i.e. each session's daemons, job steps and
+    job processes (the jobs inherit the environment of the sbatch that submitted them)."""
+    found, prefix = {}, SESSION_VARIABLE.encode() + b"="
+    for entry in os.listdir("/proc"):
         try:
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                variables = f.read().split(b"\0")
+        except (OSError, ValueError):  # not a process, or gone
             continue
-        if str(directory) in _cmdline(pid):
-            pids.append(pid)
-    return pids
+        for variable in variables:
+            if variable.startswith(prefix) and variable[len(prefix):].isdigit():
+                found.setdefault(int(variable[len(prefix):]), []).append(int(entry))
+    return found
 
 
-def _kill(pids, grace=10.0):
+def _stop_processes(pids, grace=10.0):
+    """SIGTERM, then SIGKILL whatever is left after `grace` seconds."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -84,8 +86,10 @@ def _kill(pids, grace=10.0):
     while time.time() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
     for pid in pids:
-        if _alive(pid):
+        try:
             os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _edit_hosts(keep, add=None):
@@ -106,14 +110,17 @@ def _hosts_line_owner(line: str):
 
 def _stale_hosts_line(line: str) -> bool:
     owner = _hosts_line_owner(line)
-    return owner is not None and (owner == os.getpid() or not _alive(owner))
+    return owner is not None and _stale(owner)
 
 
 def clean_previous_sessions():
-    """Stop the daemons and drop the hosts lines of sessions that did not get to clean up (killed pytest)."""
+    """Stop the processes, drop the files and the hosts lines of sessions that did not get to clean up (a killed
+    pytest)."""
+    for session, pids in _session_processes().items():
+        if _stale(session):
+            _stop_processes(pids)
     for directory in RUNTIME_ROOT.glob("*"):
-        if directory.name.isdigit() and (int(directory.name) == os.getpid() or not _alive(int(directory.name))):
-            _kill(_daemon_pids(directory))
+        if directory.name.isdigit() and _stale(int(directory.name)):
             shutil.rmtree(directory, ignore_errors=True)
     if HOSTS_FILE.exists() and HOSTS_TAG in HOSTS_FILE.read_text():
         _edit_hosts(lambda line: not _stale_hosts_line(line))
@@ -130,7 +137,7 @@ class SlurmCluster:
     def __init__(self, directory: Path):
         self.dir = directory
         self.conf = directory / "slurm.conf"
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf), **{SESSION_VARIABLE: str(os.getpid())})
 
     def command(self, *cmd, check=True, env=None, cwd=None, timeout=60) -> subprocess.CompletedProcess:
         result = subprocess.run(cmd, capture_output=True, text=True, env={**self.env, **(env or {})}, cwd=cwd,
@@ -156,7 +163,7 @@ SlurmUser=root
 AuthType=auth/none
 CredType=cred/none
 # A requeued job waits for its credential to expire before it starts again (default 120 s).
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -174,7 +181,7 @@ SlurmdLogFile={d}/slurmd-%n.log
 # dependency cancels the jobs waiting on it instead of leaving them pending forever.
 MinJobAge=5
 KillWait=5
-SchedulerParameters=bf_interval=1
+SchedulerParameters=bf_interval=1,sched_interval=1
 DependencyParameters=kill_invalid_depend
 {nodes}
 PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
@@ -203,9 +210,11 @@ PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
             deadline = time.time() + 30
             while time.time() < deadline and self.command("squeue", "-h", check=False).stdout.strip():
                 time.sleep(0.5)
-        pids = _daemon_pids(self.dir)
         self.command("scontrol", "shutdown", check=False)
-        _kill(pids)
+        deadline = time.time() + 10
+        while time.time() < deadline and _session_processes().get(os.getpid()):
+            time.sleep(0.2)
+        _stop_processes(_session_processes().get(os.getpid(), []))
 
     def sbatch(self, *args, env=None, cwd=None) -> str:
         return self.command("sbatch", "--parsable", *args, env=env, cwd=cwd).stdout.strip().split(";")[0]

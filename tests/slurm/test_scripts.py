@@ -73,14 +73,15 @@ def test_two_phase_plan_runs_phase_2_from_phase_1_weights(two_phase_plan):
     out, jobs = two_phase_plan["dir"], two_phase_plan["jobs"]
     ckpt = out / "ckpt"
     phase1, phase2 = job_output(out, "phase1", jobs["phase 1"]), job_output(out, "phase2", jobs["phase 2"])
-    for output, patch_size, iters in [(phase1, 4, 30), (phase2, 1, 10)]:
+    # The plan: 30 of the 40 iterations at K=4, then 10 at K=1.
+    for phase, output, patch_size, iters in [(1, phase1, 4, 30), (2, phase2, 1, 10)]:
         # One launcher per node, two trainer processes in all, each phase complete.
         assert "nodes n[1-2], 1 processes per node" in output and "world size 2" in output, output
-        phase = 1 if patch_size > 1 else 2
         assert checkpoint.latest_iteration(str(ckpt / f"phase{phase}")) == iters
         steps, summaries = read_log_json(ckpt / f"train.phase{phase}.jsonl")
         assert [s["iteration"] for s in steps] == list(range(1, iters + 1))
-        assert [(s["patch_size"], s["iteration"], s["train_iters"]) for s in summaries] == [(patch_size, iters, iters)]
+        assert [(s["patch_size"], s["iteration"], s["train_iters"]) for s in summaries] == [
+            (patch_size, iters, iters)]
     assert f"initialised weights from {ckpt}/phase1 (iteration 30)" in phase2, phase2
     # Phase 2 starts where phase 1 left the model, not from a fresh one (loss ~ln(1000) = 6.9).
     first_loss = [read_log_json(ckpt / f"train.phase{p}.jsonl")[0][0]["loss"] for p in (1, 2)]
@@ -102,8 +103,9 @@ def test_preprocessing_on_two_nodes_equals_one_process(two_phase_plan, corpus):
     done = re.findall(r"^done: .*", output, re.M)
     assert "2 ranks on n[1-2]" in output and len(done) == 1 and "2 rank(s)" in done[0], output
     for suffix in (".bin", ".idx"):
-        with open(f"{out}/corpus_text_document{suffix}", "rb") as two_nodes, open(corpus["aligned4"] + suffix, "rb") as one:
-            assert two_nodes.read() == one.read(), suffix
+        with open(f"{out}/corpus_text_document{suffix}", "rb") as two_ranks:
+            with open(corpus["aligned4"] + suffix, "rb") as one_process:
+                assert two_ranks.read() == one_process.read(), suffix
 
 
 def test_preemption_signal_saves_requeues_and_completes(slurm_cluster, corpus, tmp_path):
@@ -127,7 +129,8 @@ def test_preemption_signal_saves_requeues_and_completes(slurm_cluster, corpus, t
     assert [(s["iteration"], s["train_iters"]) for s in summaries] == [(stopped, iters), (iters, iters)]
     assert 2 <= stopped < iters
     assert "stopping after iteration" in output and f"requeueing job {job}" in output, output
-    assert f"restart 1, nodes n[1-2]" in output and f"resumed from {tmp_path}/ckpt/phase1 at iteration {stopped}" in output
+    assert "restart 1, nodes n[1-2]" in output, output
+    assert f"resumed from {tmp_path}/ckpt/phase1 at iteration {stopped}" in output, output
     # Each step exactly once: the second run went on from the checkpoint of the first.
     assert [s["iteration"] for s in steps] == list(range(1, iters + 1))
     assert checkpoint.latest_iteration(str(tmp_path / "ckpt" / "phase1")) == iters
@@ -155,7 +158,8 @@ def test_missing_settings_fail_before_any_work(script, args, missing):
 
 def test_submit_checks_the_plan_before_queueing_anything(corpus, tmp_path):
     # 30 samples per step cannot be split into phase 1's samples of K=4 times the length.
-    result = run_script("submit_two_phase.sh", env=settings(corpus, tmp_path, TRAIN_ITERS="40", GLOBAL_BATCH_SIZE="30"))
+    result = run_script("submit_two_phase.sh",
+                        env=settings(corpus, tmp_path, TRAIN_ITERS="40", GLOBAL_BATCH_SIZE="30"))
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.startswith("plan: error: a two-phase plan needs --global-batch-size"), result.stderr
 

@@ -9,6 +9,7 @@ scripts' rendezvous on the first node: the harness adds an /etc/hosts line, tagg
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -93,14 +94,18 @@ def _stop_processes(pids, grace=10.0):
 
 
 def _edit_hosts(keep, add=None):
-    """Rewrite /etc/hosts in place (it may be a bind mount, which a rename would not replace)."""
-    lines = [line for line in HOSTS_FILE.read_text().splitlines(keepends=True) if keep(line)]
-    if add:
-        if lines and not lines[-1].endswith("\n"):
-            lines[-1] += "\n"
-        lines.append(add + "\n")
-    with open(HOSTS_FILE, "w") as f:
+    """Rewrite /etc/hosts in place (it may be a bind mount, which a rename would not replace), under a lock so that
+    concurrent sessions do not drop each other's lines."""
+    with open(HOSTS_FILE, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        lines = [line for line in f.read().splitlines(keepends=True) if keep(line)]
+        if add:
+            if lines and not lines[-1].endswith("\n"):
+                lines[-1] += "\n"
+            lines.append(add + "\n")
+        f.seek(0)
         f.writelines(lines)
+        f.truncate()
 
 
 def _hosts_line_owner(line: str):

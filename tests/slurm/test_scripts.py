@@ -29,8 +29,8 @@ def settings(corpus, out, **overrides):
         "MICRO_BATCH_SIZE": "2",
         "MODEL_ARGS": " ".join(TINY_MODEL_FLAGS), "OPTIMIZER_ARGS": "--lr 3e-3 --lr-warmup-iters 1",
         "EXTRA_ARGS": f"--data-cache-path {out / 'cache'} --eval-interval 1000 --eval-iters 1",
-        # This machine's Open MPI speaks only PMIx, which Slurm's plugin cannot serve to two emulated nodes on one
-        # host; Open MPI's mpirun starts one rank per Slurm task instead (through srun).
+        # Slurm's PMIx plugin cannot serve two emulated nodes on one host (their step daemons cannot tell each
+        # other apart); Open MPI's mpirun starts one rank per Slurm task instead (through srun).
         "MPI_LAUNCHER": "mpirun", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         **overrides,
     }
@@ -88,12 +88,6 @@ def test_two_phase_plan_runs_phase_2_from_phase_1_weights(two_phase_plan):
     assert first_loss[1] < first_loss[0] - 0.3, first_loss
 
 
-with open(f"{ROOT}/tools/preprocess_data.py") as tool:
-    PREPROCESS_HAS_MPI = '"--mpi"' in tool.read()
-
-
-@pytest.mark.skipif(not PREPROCESS_HAS_MPI, reason="tools/preprocess_data.py has no MPI support yet (rank shards "
-                    "and a rank-0 merge are being added): two ranks would each write the whole dataset")
 def test_preprocessing_on_two_nodes_equals_one_process(two_phase_plan, corpus):
     """The chain's preprocessing, one MPI rank per node, each tokenizing its share: rank 0 reports both ranks, and
     the merged dataset has the same bytes as one process's (the corpus fixture's: same input, tokenizer,

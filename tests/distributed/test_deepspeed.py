@@ -91,6 +91,26 @@ def test_pipeline_parallel_zero1_matches_single_process(corpus, tmp_path, start_
     assert_same_run(train_losses(corpus, tmp_path, 4, 1, common, STEPS), series)
 
 
+def test_pipeline_parallel_zero1_with_tied_embeddings_matches_single_process(corpus, tmp_path):
+    """Tied input/output embeddings live on the first and the last stage: their gradients must be summed and
+    counted once in the clipped norm."""
+    def tied_run(name, launch, extra, steps=STEPS):
+        log = tmp_path / f"{name}.jsonl"
+        flags = phase_flags(corpus, tmp_path, 4, ["--num-layers", "4", "--micro-batch-size", "1", *extra,
+                                                  "--log-json", str(log)], steps)
+        run([*launch, f"{ROOT}/pretrain_patch_gpt.py",
+             *[f for f in flags if f != "--untie-embeddings-and-output-weights"]])
+        with open(log) as f:
+            records = [json.loads(line) for line in f if '"loss"' in line]
+        return ([r["loss"] for r in records], [r["grad_norm"] for r in records],
+                [loss for r in records for loss in r["microbatch_losses"]])
+
+    tied_run("start", [PYTHON], ["--lr-warmup-iters", "0", "--save", str(tmp_path / "start")], steps=1)
+    common = ["--pretrained-checkpoint", str(tmp_path / "start"), "--clip-grad", "0.5"]
+    reference = tied_run("one", [PYTHON], common)
+    assert_same_run(reference, tied_run("pp2", torchrun(4), [*common, "--pipeline-model-parallel-size", "2", *zero(1)]))
+
+
 def test_zero2_with_pipeline_parallelism_is_one_line_error(corpus, tmp_path):
     # Configuration errors come before any process group: a 2-process world is enough to describe.
     flags = phase_flags(corpus, tmp_path, 4, ["--pipeline-model-parallel-size", "2", *zero(2)])

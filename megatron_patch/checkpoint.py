@@ -11,7 +11,6 @@ leaves the previous checkpoint and the tracker pointing at it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_patch.config import TRACKER, ConfigError, TrainingConfig, flag_for, to_dict
+from megatron_patch.data.tokenizer import model_sha256
 
 RUN_FILE = "run.json"
 # What must not change under a resumed run (--load) / a phase hand-off (--pretrained-checkpoint).
@@ -65,19 +65,11 @@ def latest_iteration(root: Optional[str]) -> Optional[int]:
         raise ValueError(f"{tracker}: expected an iteration number, found {text!r}") from None
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe_run(cfg: TrainingConfig, dataset_sizes: List[dict]) -> dict:
     """The config plus fingerprints of the tokenizer and datasets (not their paths: data may move)."""
     return {
         "config": to_dict(cfg),
-        "tokenizer_sha256": _file_sha256(cfg.data.tokenizer_model),
+        "tokenizer_sha256": model_sha256(cfg.data.tokenizer_model),
         "datasets": dataset_sizes,
     }
 

@@ -40,9 +40,11 @@ TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone"]
 _RUN_IDS = itertools.count()
 
 
-def phase_flags(corpus, out, k, extra=(), steps=4):
-    """pretrain_patch_gpt flags for a short run of the tiny model: 8 samples of 32 patches per step."""
-    return [*TINY_MODEL_FLAGS, "--patch-size", str(k), "--seq-length", str(32 * k), "--micro-batch-size", "2",
+def phase_flags(corpus, out, k, extra=(), steps=4, tied=False):
+    """pretrain_patch_gpt flags for a short run of the tiny model: 8 samples of 32 patches per step (with `tied`,
+    input and output embeddings shared)."""
+    model = [f for f in TINY_MODEL_FLAGS if f != "--untie-embeddings-and-output-weights"] if tied else TINY_MODEL_FLAGS
+    return [*model, "--patch-size", str(k), "--seq-length", str(32 * k), "--micro-batch-size", "2",
             "--global-batch-size", "8", "--train-iters", str(steps), "--lr", "3e-3", "--lr-warmup-iters", "1",
             "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"],
             "--data-cache-path", str(out / "cache"), "--eval-interval", "1000", "--eval-iters", "1", *extra]
@@ -58,10 +60,10 @@ def train_losses(corpus, out, k, nproc, extra=(), steps=4):
     return train_run(corpus, out, k, extra, steps, launcher(nproc))[0]
 
 
-def train_run(corpus, out, k, extra=(), steps=4, launch=(PYTHON,)):
+def train_run(corpus, out, k, extra=(), steps=4, launch=(PYTHON,), tied=False):
     """train_losses' series of a run started by the command prefix `launch`, and the run's stdout."""
     log = out / f"run{next(_RUN_IDS)}.jsonl"
-    result = run([*launch, f"{ROOT}/pretrain_patch_gpt.py", *phase_flags(corpus, out, k, extra, steps),
+    result = run([*launch, f"{ROOT}/pretrain_patch_gpt.py", *phase_flags(corpus, out, k, extra, steps, tied),
                   "--log-json", str(log)])
     with open(log) as f:
         records = [json.loads(line) for line in f if "loss" in json.loads(line)]

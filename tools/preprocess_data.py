@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import multiprocessing
 import os
 import signal
@@ -45,7 +44,7 @@ from megatron_patch.data.corpus import (  # noqa: E402
     BadInput, Encoder, Piece, count_lines, expand_inputs, is_plain_text, number_lines, read_batches, split_inputs,
 )
 from megatron_patch.data.indexed import DatasetWriter, token_dtype  # noqa: E402
-from megatron_patch.data.tokenizer import SentencePieceTokenizer  # noqa: E402
+from megatron_patch.data.tokenizer import SentencePieceTokenizer, model_sha256  # noqa: E402
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
@@ -286,9 +285,8 @@ class Job:
         if args.pad_id is not None and not (0 <= pad_id < tokenizer.vocab_size and pad_id != tokenizer.eod):
             raise BadInput(f"--pad-id {pad_id}: needs an id of the tokenizer's {tokenizer.vocab_size} other than "
                            f"its EOD id {tokenizer.eod}")
-        with open(args.tokenizer_model, "rb") as f:
-            tokenizer_sha256 = hashlib.sha256(f.read()).hexdigest()
-        shared = dict(tokenizer_model=os.path.abspath(args.tokenizer_model), tokenizer_sha256=tokenizer_sha256,
+        shared = dict(tokenizer_model=os.path.abspath(args.tokenizer_model),
+                      tokenizer_sha256=model_sha256(args.tokenizer_model),
                       vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod, pad_id=pad_id,
                       patch_size=args.patch_size, append_eod=args.append_eod,
                       inputs=[os.path.abspath(p) for p in paths])

@@ -4,11 +4,21 @@ MegatronLegacyTokenizer, which only adds a warning per process.)"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from typing import List, Sequence
 
 import sentencepiece as spm
+
+
+def model_sha256(model_path: str) -> str:
+    """Fingerprint of a tokenizer model file (dataset sidecars and checkpoints record it; paths may move)."""
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class SentencePieceTokenizer:

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, assert_same_run, free_port, phase_flags, run, train_losses, train_run
+from conftest import PYTHON, ROOT, assert_same_run, free_port, launcher, phase_flags, run, train_losses, train_run
 from megatron_patch import checkpoint, reshard
 from megatron_patch.config import TRACKER
 
@@ -25,10 +25,6 @@ def zero(stage):
     """The fp32 config file of a ZeRO stage (stage 0: zero1's file with DeepSpeed's override flag)."""
     return ["--deepspeed", "--deepspeed_config", f"{ROOT}/deepspeed_configs/zero{max(stage, 1)}_fp32.json",
             "--zero-stage", str(stage)]
-
-
-def torchrun(nproc):
-    return [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
 
 
 def footprint(stdout):
@@ -54,7 +50,7 @@ def zero_run(corpus, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"zero{stage}_{layout}")
             nproc, flags = LAYOUTS[layout]
             extra = [*flags, *zero(stage), "--save", str(out / "ckpt"), "--save-interval", "3"]
-            series, stdout = train_run(corpus, out, K_OF[(stage, layout)], extra, STEPS, torchrun(nproc))
+            series, stdout = train_run(corpus, out, K_OF[(stage, layout)], extra, STEPS, launcher(nproc))
             cache[(stage, layout)] = series, stdout, out / "ckpt"
         return cache[(stage, layout)]
 
@@ -87,28 +83,21 @@ def test_pipeline_parallel_zero1_matches_single_process(corpus, tmp_path, start_
     # Pipeline stages initialise their layers differently from one process: both start from one checkpoint.
     common = ["--num-layers", "4", "--pretrained-checkpoint", start_checkpoint, "--micro-batch-size", "1"]
     series, _ = train_run(corpus, tmp_path, 4, [*common, "--pipeline-model-parallel-size", "2", *zero(1)], STEPS,
-                          torchrun(4))
+                          launcher(4))
     assert_same_run(train_losses(corpus, tmp_path, 4, 1, common, STEPS), series)
 
 
 def test_pipeline_parallel_zero1_with_tied_embeddings_matches_single_process(corpus, tmp_path):
     """Tied input/output embeddings live on the first and the last stage: their gradients must be summed and
     counted once in the clipped norm."""
-    def tied_run(name, launch, extra, steps=STEPS):
-        log = tmp_path / f"{name}.jsonl"
-        flags = phase_flags(corpus, tmp_path, 4, ["--num-layers", "4", "--micro-batch-size", "1", *extra,
-                                                  "--log-json", str(log)], steps)
-        run([*launch, f"{ROOT}/pretrain_patch_gpt.py",
-             *[f for f in flags if f != "--untie-embeddings-and-output-weights"]])
-        with open(log) as f:
-            records = [json.loads(line) for line in f if '"loss"' in line]
-        return ([r["loss"] for r in records], [r["grad_norm"] for r in records],
-                [loss for r in records for loss in r["microbatch_losses"]])
-
-    tied_run("start", [PYTHON], ["--lr-warmup-iters", "0", "--save", str(tmp_path / "start")], steps=1)
-    common = ["--pretrained-checkpoint", str(tmp_path / "start"), "--clip-grad", "0.5"]
-    reference = tied_run("one", [PYTHON], common)
-    assert_same_run(reference, tied_run("pp2", torchrun(4), [*common, "--pipeline-model-parallel-size", "2", *zero(1)]))
+    common = ["--num-layers", "4", "--micro-batch-size", "1"]
+    train_run(corpus, tmp_path, 4, [*common, "--lr-warmup-iters", "0", "--save", str(tmp_path / "start")], 1,
+              tied=True)
+    common += ["--pretrained-checkpoint", str(tmp_path / "start"), "--clip-grad", "0.5"]
+    reference, _ = train_run(corpus, tmp_path, 4, common, STEPS, tied=True)
+    pipelined, _ = train_run(corpus, tmp_path, 4, [*common, "--pipeline-model-parallel-size", "2", *zero(1)], STEPS,
+                             launcher(4), tied=True)
+    assert_same_run(reference, pipelined)
 
 
 def test_zero2_with_pipeline_parallelism_is_one_line_error(corpus, tmp_path):
@@ -131,7 +120,7 @@ def test_resume_from_step_3_matches_uninterrupted_run(corpus, tmp_path, zero_run
     shutil.copytree(checkpoint.iteration_dir(str(saved), 3), checkpoint.iteration_dir(str(resume_dir), 3))
     (resume_dir / TRACKER).write_text("3\n")
     resumed, stdout = train_run(corpus, tmp_path, K_OF[(stage, "dp2")], [*zero(stage), "--load", str(resume_dir)],
-                                STEPS, torchrun(2))
+                                STEPS, launcher(2))
     assert "resumed DeepSpeed checkpoint" in stdout and "at iteration 3" in stdout
     assert resumed[0] == series[0][3:] and resumed[1] == series[1][3:]  # bit-identical steps 4 and 5
 
@@ -175,6 +164,6 @@ def test_a_two_phase_plan_under_deepspeed_gives_the_plan_without(corpus, tmp_pat
         return losses
 
     without = phase_losses(tmp_path / "plain", [PYTHON], [])
-    with_zero2 = phase_losses(tmp_path / "zero2", torchrun(2), zero(2))
+    with_zero2 = phase_losses(tmp_path / "zero2", launcher(2), zero(2))
     for ours, theirs in zip(without, with_zero2):
         assert len(ours) == len(theirs) > 1 and ours == pytest.approx(theirs, rel=1e-5)

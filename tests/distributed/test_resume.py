@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from conftest import PYTHON, ROOT, free_port, launcher, phase_flags, run
+from conftest import ROOT, launcher, phase_flags, run
 
 
 _LOG_IDS = itertools.count()
@@ -56,8 +56,7 @@ def test_kill_9_between_checkpoints_then_resume_gives_bitwise_the_same_steps(cor
 
 
 def _flags(corpus, out, k, extra, tied, steps):
-    flags = phase_flags(corpus, out, k, ["--num-layers", "4", *extra], steps=steps)
-    return [f for f in flags if f != "--untie-embeddings-and-output-weights"] if tied else flags
+    return phase_flags(corpus, out, k, ["--num-layers", "4", *extra], steps, tied)
 
 
 def _first_step_loss(corpus, out, layout, pretrained, tied):

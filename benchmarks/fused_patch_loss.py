@@ -3,7 +3,8 @@
 vs one single-target cross-entropy (what token-level training pays per position).
 
 Each variant runs forward + backward in its own process; peak memory is the growth of the process's peak RSS
-over the inputs (logits, labels) already allocated, so it includes the logits' gradient every variant needs. Target: fused <= 1.2x the time and <= 1.1x the peak memory of single-target CE.
+over the inputs (logits, labels) already allocated, so it includes the logits' gradient every variant needs.
+Target: fused <= 1.2x the time and <= 1.1x the peak memory of single-target CE.
 
   .venv/bin/python benchmarks/fused_patch_loss.py [--vocab 32000 --patch-size 4 --positions 2048 --repeats 5]
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -21,9 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_patch.patching import patch_cross_entropy  # noqa: E402
+from megatron_patch.patching import patch_cross_entropy
 
 
 def loss_fn(variant: str, k: int):
@@ -83,7 +81,8 @@ def main():
     single = results["single"]
     for variant, r in results.items():
         print(f"{variant:>9}: {1000 * r['seconds']:8.1f} ms  ({r['seconds'] / single['seconds']:.2f}x time)   "
-              f"peak memory +{r['peak_growth_kib'] / 1024:5.0f} MiB ({r['peak_growth_kib'] / single['peak_growth_kib']:.2f}x)")
+              f"peak memory +{r['peak_growth_kib'] / 1024:5.0f} MiB "
+              f"({r['peak_growth_kib'] / single['peak_growth_kib']:.2f}x)")
 
 
 if __name__ == "__main__":

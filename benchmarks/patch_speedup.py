@@ -12,17 +12,13 @@ are the only per-token work left in phase 1).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megatron_patch import parallel  # noqa: E402
-from megatron_patch.config import ModelConfig, ParallelConfig  # noqa: E402
-from megatron_patch.model import build_model  # noqa: E402
+from megatron_patch import parallel
+from megatron_patch.config import ModelConfig, ParallelConfig
+from megatron_patch.model import build_model
 
 
 def transformer_flops(cfg: ModelConfig, vocab: int, positions: int, batch: int) -> float:

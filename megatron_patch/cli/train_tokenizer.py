@@ -1,0 +1,37 @@
+"""Train a SentencePiece tokenizer on JSONL or plain-text files.
+
+  python tools/train_tokenizer.py --input corpus.jsonl --model-prefix tok --vocab-size 8000
+
+Ids: 0 <unk>, 1 <s>, 2 </s> (EOD), 3 <pad> (patch-alignment padding). Byte fallback keeps every input
+encodable, as in LLaMA's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from megatron_patch.data.tokenizer_training import train_sentencepiece
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help=".jsonl (one object per line) or .txt files")
+    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    parser.add_argument("--input-sentence-size", type=int, default=1_000_000, help="sentences sampled for training")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for path in args.input:
+        if not os.path.isfile(path):
+            parser.error(f"--input: no such file: {path}")
+    train_sentencepiece(args.input, args.json_key, args.model_prefix, args.vocab_size, args.model_type,
+                        args.input_sentence_size, args.threads)
+    print(f"wrote {args.model_prefix}.model ({args.vocab_size} pieces)")

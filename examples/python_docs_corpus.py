@@ -15,9 +15,8 @@ import argparse
 import ast
 import json
 import os
-import sysconfig
-
 import pydoc_data.topics
+import sysconfig
 
 MIN_CHARS = 200
 
@@ -36,7 +35,8 @@ def stdlib_module_docs():
                     tree = ast.parse(f.read())
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            definitions = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+            nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, definitions)]
             docs = [ast.get_docstring(n) for n in nodes]
             text = "\n\n".join(d for d in docs if d)
             if len(text) >= MIN_CHARS:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on a CPU machine, in a few minutes: set up .venv, build a corpus of real English text,
 # train a tokenizer, preprocess (patch-aligned), then phase 1 (patch level, K=4) and phase 2 (token level,
-# from phase 1's weights, on data phase 1 has not seen), and compare their cost. Knobs: OUT, K, TOKENS, NPROC (data-parallel processes).
+# from phase 1's weights, on data phase 1 has not seen), and compare their cost.
+# Knobs: OUT, K, TOKENS, NPROC (data-parallel processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_cpu.sh
@@ -18,14 +19,12 @@ $PY tools/train_tokenizer.py --input "$OUT/corpus.jsonl" --model-prefix "$OUT/to
 $PY tools/preprocess_data.py --input "$OUT/corpus.jsonl" --output-prefix "$OUT/docs" \
     --tokenizer-model "$OUT/tokenizer.model" --append-eod --patch-size "$K" --workers 2
 
-# A tiny LLaMA-style model (RMSNorm, SwiGLU, RoPE, no biases, untied embeddings) and the paper's optimiser.
-COMMON=(--num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 344
-        --normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear
-        --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0
-        --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95
-        --clip-grad 1.0 --data-path "$OUT/docs_text_document" --tokenizer-model "$OUT/tokenizer.model"
-        --data-cache-path "$OUT/cache" --split 98,2,0 --log-interval 10 --eval-interval 1000 --eval-iters 4)
-launch=($PY)
+# cpu-small: a 4-layer LLaMA-style model (RMSNorm, SwiGLU, RoPE, no biases, untied embeddings; presets.py) with
+# the paper's AdamW settings (the defaults), a higher LR and short warmup for this tiny budget.
+COMMON=(--model-preset cpu-small --lr 1e-3 --min-lr 1e-4
+        --data-path "$OUT/docs_text_document" --tokenizer-model "$OUT/tokenizer.model"
+        --data-cache-path "$OUT/cache" --split "98,2,0" --log-interval 10 --eval-interval 1000 --eval-iters 4)
+launch=("$PY")
 [ "$NPROC" -gt 1 ] && launch=(.venv/bin/torchrun --standalone --nproc-per-node "$NPROC")
 
 # The two-phase plan in one command: the token-level run is 32 samples x 256 tokens per step; lambda=2/3 of

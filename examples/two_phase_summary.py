@@ -5,17 +5,16 @@ two-phase schedule relative to token-level training on the same number of tokens
   python examples/two_phase_summary.py runs/quickstart/log.phase1.jsonl runs/quickstart/log.phase2.jsonl
 """
 
-import json
 import sys
+
+from megatron_patch.runlog import last_summary
 
 
 def summary(path):
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    found = [r["summary"] for r in records if "summary" in r]
-    if not found:
+    found = last_summary(path)
+    if found is None:
         sys.exit(f"{path}: no phase summary (did the phase finish?)")
-    return found[-1]
+    return found
 
 
 def main():

@@ -20,18 +20,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_patch.config import TRACKER, ConfigError, TrainingConfig, flag_for, to_dict
+from megatron_patch.config import ConfigError, TrainingConfig, to_dict
 from megatron_patch.data.tokenizer import model_sha256
+from megatron_patch.flags import flag_for
+from megatron_patch.tracker import RUN_FILE, TRACKER, fsync_write, iteration_dir, latest_iteration, write_tracker
 
-RUN_FILE = "run.json"
 # What must not change under a resumed run (--load) / a phase hand-off (--pretrained-checkpoint).
 MODEL_SHAPE = ["num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "normalization", "swiglu",
                "position_embedding_type", "rotary_base", "add_bias_linear", "untie_embeddings_and_output_weights"]
 SAMPLING = ["patch_size", "seq_length", "global_batch_size", "seed", "data.split", "data.train_data_range"]
 
 
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
+def model_key(index: int, num_chunks: int) -> str:
+    """Megatron-LM's checkpoint keys: `model`, or `model0`, `model1`, ... with interleaved pipelining."""
+    return "model" if num_chunks == 1 else f"model{index}"
 
 
 def _shard_name() -> str:
@@ -39,30 +41,6 @@ def _shard_name() -> str:
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return f"mp_rank_{tp:02d}"
     return f"mp_rank_{tp:02d}_{parallel_state.get_pipeline_model_parallel_rank():03d}"
-
-
-def _fsync_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def latest_iteration(root: Optional[str]) -> Optional[int]:
-    """The last complete iteration saved under root, or None."""
-    if not root:
-        return None
-    tracker = os.path.join(root, TRACKER)
-    if not os.path.isfile(tracker):
-        return None
-    with open(tracker) as f:
-        text = f.read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}") from None
 
 
 def describe_run(cfg: TrainingConfig, dataset_sizes: List[dict]) -> dict:
@@ -93,14 +71,6 @@ def check_compatible(saved: dict, current: dict, where: str, resume: bool) -> No
         raise ConfigError(f"{where} was trained with " + "; ".join(diffs))
 
 
-def read_run(root: str, iteration: int) -> Optional[dict]:
-    path = os.path.join(iteration_dir(root, iteration), RUN_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def save(root: str, iteration: int, state: dict, run: dict) -> str:
     """Collective: every rank calls it; returns the checkpoint directory."""
     return save_with(root, iteration, run, lambda staging: write_shard(staging, state))
@@ -129,14 +99,14 @@ def save_with(root: str, iteration: int, run: dict, write: Callable[[str], None]
     if rank0:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
-        _fsync_write(os.path.join(staging, RUN_FILE), json.dumps(run, indent=2, sort_keys=True))
+        fsync_write(os.path.join(staging, RUN_FILE), json.dumps(run, indent=2, sort_keys=True))
     dist.barrier()
     write(staging)
     dist.barrier()
     if rank0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        _fsync_write(os.path.join(root, TRACKER), f"{iteration}\n")
+        write_tracker(root, iteration)
     dist.barrier()
     return final
 

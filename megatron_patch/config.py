@@ -1,22 +1,26 @@
-"""Configuration: dataclasses for model / parallel layout / data / optimisation / phase, and the Megatron-style
-command line that fills them. A training phase is one `TrainingConfig`; phase 1 and phase 2 differ only in
-values (patch size, sequence length, batch, where weights come from), never in code."""
+"""Configuration: dataclasses for model / parallel layout / data / optimisation / phase, and their validation.
+A training phase is one `TrainingConfig`; phase 1 and phase 2 differ only in values (patch size, sequence length,
+batch, where weights come from), never in code. The command line that fills them is `flags.py`. No torch here:
+plans and checks run on login nodes.
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-
-TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the last complete checkpoint
+from megatron_patch import tracker
 
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake: reported as one line, before any work starts."""
+
+
+def iterations_for_tokens(tokens: int, tokens_per_step: int) -> int:
+    """Whole optimizer steps that read at least `tokens` (the --train-tokens rule, everywhere)."""
+    return -(-tokens // tokens_per_step)
 
 
 @dataclass
@@ -132,13 +136,29 @@ class TrainingConfig:
 
     def resolve(self, world_size: int) -> "TrainingConfig":
         """Derive defaults that depend on the launch and check everything; raises ConfigError."""
-        m, p = self.model, self.parallel
+        self._check_patching()
+        data_parallel = self._check_layout(world_size)
+        self._derive_batch_and_iterations(data_parallel)
+        self._check_positions()
+        self._check_schedule()
+        self._check_files()
+        return self
+
+    def data_parallel_size(self, world_size: int) -> int:
+        p = self.parallel
+        return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+    def _check_patching(self) -> None:
         if self.patch_size < 1:
             raise ConfigError(f"--patch-size must be >= 1, got {self.patch_size}")
         if self.seq_length < 1 or self.seq_length % self.patch_size:
             raise ConfigError(
                 f"--seq-length {self.seq_length} must be a positive multiple of --patch-size {self.patch_size}"
             )
+
+    def _check_layout(self, world_size: int) -> int:
+        """Heads, layers and world size against the parallel layout; returns the data-parallel size."""
+        m, p = self.model, self.parallel
         if m.hidden_size % m.num_attention_heads:
             raise ConfigError(
                 f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}"
@@ -166,12 +186,15 @@ class TrainingConfig:
                 f"--num-attention-heads {m.num_attention_heads} is not divisible by "
                 f"--tensor-model-parallel-size {p.tensor_model_parallel_size}"
             )
-        if p.sequence_parallel and (p.tensor_model_parallel_size == 1 or self.num_patches % p.tensor_model_parallel_size):
+        tp = p.tensor_model_parallel_size
+        if p.sequence_parallel and (tp == 1 or self.num_patches % tp):
             raise ConfigError(
                 f"--sequence-parallel needs --tensor-model-parallel-size > 1 dividing the {self.num_patches} "
                 f"positions per sample (seq length / patch size)"
             )
-        data_parallel = world_size // model_parallel
+        return self.data_parallel_size(world_size)
+
+    def _derive_batch_and_iterations(self, data_parallel: int) -> None:
         if self.global_batch_size is None:
             self.global_batch_size = self.micro_batch_size * data_parallel
         if self.global_batch_size % (self.micro_batch_size * data_parallel):
@@ -182,9 +205,12 @@ class TrainingConfig:
         if (self.train_iters is None) == (self.train_tokens is None):
             raise ConfigError("give exactly one of --train-iters and --train-tokens")
         if self.train_iters is None:
-            self.train_iters = -(-self.train_tokens // self.tokens_per_step)
+            self.train_iters = iterations_for_tokens(self.train_tokens, self.tokens_per_step)
         if self.train_iters < 1:
             raise ConfigError(f"--train-iters must be >= 1, got {self.train_iters}")
+
+    def _check_positions(self) -> None:
+        m = self.model
         if m.max_position_embeddings is None:
             m.max_position_embeddings = self.num_patches
         if m.position_embedding_type == "learned_absolute" and m.max_position_embeddings < self.num_patches:
@@ -192,6 +218,8 @@ class TrainingConfig:
                 f"--max-position-embeddings {m.max_position_embeddings} < {self.num_patches} positions "
                 f"(seq length {self.seq_length} / patch size {self.patch_size})"
             )
+
+    def _check_schedule(self) -> None:
         if self.optim.lr_decay_iters is None:
             self.optim.lr_decay_iters = self.train_iters
         if self.optim.lr_warmup_iters >= self.optim.lr_decay_iters:
@@ -202,154 +230,34 @@ class TrainingConfig:
         start, end = self.data.train_data_range
         if not 0.0 <= start < end <= 1.0:
             raise ConfigError(f"--train-data-range {start} {end}: need 0 <= start < end <= 1")
+        if self.save_interval is not None and self.save is None:
+            raise ConfigError("--save-interval needs --save")
+        if not self.deepspeed.enabled and (self.deepspeed.config or self.deepspeed.zero_stage is not None):
+            raise ConfigError("--deepspeed_config and --zero-stage need --deepspeed")
+
+    def _check_files(self) -> None:
         if not self.data.data_path:
             raise ConfigError("--data-path is required")
-        for prefix in _blend_prefixes(self.data.data_path):
+        for prefix in parse_blend(self.data.data_path)[0]:
             for suffix in (".bin", ".idx"):
                 if not os.path.isfile(prefix + suffix):
                     raise ConfigError(f"--data-path: {prefix}{suffix} does not exist")
         if self.data.tokenizer_model is None or not os.path.isfile(self.data.tokenizer_model):
             raise ConfigError(f"--tokenizer-model: file not found: {self.data.tokenizer_model}")
-        if self.pretrained_checkpoint and not os.path.isfile(os.path.join(self.pretrained_checkpoint, TRACKER)):
-            raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {TRACKER} there")
-        if self.save_interval is not None and self.save is None:
-            raise ConfigError("--save-interval needs --save")
-        if self.deepspeed.enabled:
-            from megatron_patch.engine import deepspeed_config  # imports DeepSpeed only when asked for
-
-            self.deepspeed.resolved = deepspeed_config(self, data_parallel)
-        elif self.deepspeed.config or self.deepspeed.zero_stage is not None:
-            raise ConfigError("--deepspeed_config and --zero-stage need --deepspeed")
-        return self
-
-
-def _blend_prefixes(data_path: List[str]) -> List[str]:
-    """Megatron's blend syntax: either `prefix [prefix ...]` or `weight prefix [weight prefix ...]`."""
-    try:
-        float(data_path[0])
-    except ValueError:
-        return list(data_path)
-    if len(data_path) % 2:
-        raise ConfigError("--data-path: weighted blends need `weight prefix` pairs")
-    return list(data_path[1::2])
+        if self.pretrained_checkpoint and not tracker.has_tracker(self.pretrained_checkpoint):
+            raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {tracker.TRACKER} there")
 
 
 def parse_blend(data_path: List[str]):
-    """(prefixes, weights or None) in megatron-core's `blend` format."""
-    prefixes = _blend_prefixes(data_path)
-    if prefixes == list(data_path):
-        return prefixes, None
-    return prefixes, [float(w) for w in data_path[0::2]]
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-# (flag, dataclass path, argparse kwargs): one table drives parsing and keeps Megatron-LM's flag names.
-_FLAGS = [
-    ("--num-layers", "model.num_layers", dict(type=int)),
-    ("--hidden-size", "model.hidden_size", dict(type=int)),
-    ("--num-attention-heads", "model.num_attention_heads", dict(type=int)),
-    ("--ffn-hidden-size", "model.ffn_hidden_size", dict(type=int)),
-    ("--max-position-embeddings", "model.max_position_embeddings", dict(type=int)),
-    ("--normalization", "model.normalization", dict(choices=["LayerNorm", "RMSNorm"])),
-    ("--swiglu", "model.swiglu", dict(action="store_true")),
-    ("--position-embedding-type", "model.position_embedding_type", dict(choices=["learned_absolute", "rope"])),
-    ("--rotary-base", "model.rotary_base", dict(type=int)),
-    ("--disable-bias-linear", "model.add_bias_linear", dict(action="store_false")),
-    ("--untie-embeddings-and-output-weights", "model.untie_embeddings_and_output_weights",
-     dict(action="store_true")),
-    ("--hidden-dropout", "model.hidden_dropout", dict(type=float)),
-    ("--attention-dropout", "model.attention_dropout", dict(type=float)),
-    ("--init-method-std", "model.init_method_std", dict(type=float)),
-    ("--norm-epsilon", "model.norm_epsilon", dict(type=float)),
-    ("--tensor-model-parallel-size", "parallel.tensor_model_parallel_size", dict(type=int)),
-    ("--pipeline-model-parallel-size", "parallel.pipeline_model_parallel_size", dict(type=int)),
-    ("--num-layers-per-virtual-pipeline-stage", "parallel.num_layers_per_virtual_pipeline_stage", dict(type=int)),
-    ("--sequence-parallel", "parallel.sequence_parallel", dict(action="store_true")),
-    ("--data-path", "data.data_path", dict(nargs="+")),
-    ("--split", "data.split", dict()),
-    ("--tokenizer-model", "data.tokenizer_model", dict()),
-    ("--data-cache-path", "data.data_cache_path", dict()),
-    ("--num-workers", "data.num_workers", dict(type=int)),
-    ("--train-data-range", "data.train_data_range", dict(type=float, nargs=2, metavar=("START", "END"))),
-    ("--lr", "optim.lr", dict(type=float)),
-    ("--min-lr", "optim.min_lr", dict(type=float)),
-    ("--lr-decay-style", "optim.lr_decay_style", dict(choices=["cosine", "linear", "constant"])),
-    ("--lr-warmup-iters", "optim.lr_warmup_iters", dict(type=int)),
-    ("--lr-decay-iters", "optim.lr_decay_iters", dict(type=int)),
-    ("--weight-decay", "optim.weight_decay", dict(type=float)),
-    ("--adam-beta1", "optim.adam_beta1", dict(type=float)),
-    ("--adam-beta2", "optim.adam_beta2", dict(type=float)),
-    ("--adam-eps", "optim.adam_eps", dict(type=float)),
-    ("--clip-grad", "optim.clip_grad", dict(type=float)),
-    ("--patch-size", "patch_size", dict(type=int)),
-    ("--seq-length", "seq_length", dict(type=int)),
-    ("--micro-batch-size", "micro_batch_size", dict(type=int)),
-    ("--global-batch-size", "global_batch_size", dict(type=int)),
-    ("--train-iters", "train_iters", dict(type=int)),
-    ("--train-tokens", "train_tokens", dict(type=int)),
-    ("--seed", "seed", dict(type=int)),
-    ("--bf16", "bf16", dict(action="store_true")),
-    ("--log-interval", "log_interval", dict(type=int)),
-    ("--eval-interval", "eval_interval", dict(type=int)),
-    ("--eval-iters", "eval_iters", dict(type=int)),
-    ("--save", "save", dict()),
-    ("--save-interval", "save_interval", dict(type=int)),
-    ("--load", "load", dict()),
-    ("--pretrained-checkpoint", "pretrained_checkpoint", dict()),
-    ("--log-json", "log_json", dict()),
-    ("--exit-signal-handler", "exit_signal_handler", dict(action="store_true")),
-    ("--exit-interval", "exit_interval", dict(type=int)),
-    ("--exit-duration-in-mins", "exit_duration_in_mins", dict(type=float)),
-    ("--patch-fraction", "plan.patch_fraction", dict(type=float)),
-    ("--phase", "plan.phase", dict(choices=["1", "2", "both"])),
-    ("--deepspeed", "deepspeed.enabled", dict(action="store_true")),  # DeepSpeed's own flag names
-    ("--deepspeed_config", "deepspeed.config", dict()),
-    ("--zero-stage", "deepspeed.zero_stage", dict(type=int, choices=[0, 1, 2, 3])),  # Megatron-DeepSpeed's
-]
-
-
-def flag_for(path: str) -> str:
-    """The command-line flag of a config field (`model.hidden_size` -> `--hidden-size`)."""
-    return next((flag for flag, field_path, _ in _FLAGS if field_path == path), path)
-
-
-def _get(obj, path):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set(obj, path, value):
-    *parents, leaf = path.split(".")
-    for part in parents:
-        obj = getattr(obj, part)
-    setattr(obj, leaf, value)
-
-
-def build_parser(prog: str = "pretrain_patch_gpt") -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(prog=prog, description="Patch-level (then token-level) GPT pretraining.")
-    defaults = TrainingConfig()
-    for flag, path, kwargs in _FLAGS:
-        kwargs = dict(kwargs)
-        if kwargs.get("action") not in ("store_true", "store_false"):
-            kwargs.setdefault("default", _get(defaults, path))
-        parser.add_argument(flag, dest=path.replace(".", "__"), **kwargs)
-    # Set by the deepspeed launcher; accepted so the same command line works under every launcher.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
-
-
-def parse_args(argv=None) -> TrainingConfig:
-    args = build_parser().parse_args(argv)
-    cfg = TrainingConfig()
-    for _, path, _ in _FLAGS:
-        _set(cfg, path, getattr(args, path.replace(".", "__")))
-    return cfg
+    """Megatron's blend syntax, `prefix [prefix ...]` or `weight prefix [weight prefix ...]`: (prefixes, weights or
+    None) in megatron-core's `blend` format."""
+    try:
+        float(data_path[0])
+    except ValueError:
+        return list(data_path), None
+    if len(data_path) % 2:
+        raise ConfigError("--data-path: weighted blends need `weight prefix` pairs")
+    return list(data_path[1::2]), [float(w) for w in data_path[0::2]]
 
 
 def to_dict(cfg: TrainingConfig) -> dict:

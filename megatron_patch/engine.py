@@ -4,13 +4,13 @@ Who does what:
   megatron-core  tensor and pipeline parallelism: process groups, layers, pipeline schedules
   DeepSpeed      data parallelism: gradient reduction, ZeRO partitioning (optimizer state, gradients, parameters),
                  gradient clipping, the optimizer step, checkpoints of all that
-  this module    the mpu adapter between the two; one source of truth for settings both know (our flags fill the
-                 JSON's "auto" and missing values, a conflicting value is an error); the training step; checkpoints
-                 under our atomic tracker, each with a consolidated fp32 copy of the weights in Megatron's layout
+  this module    the mpu adapter between the two; the hooks of the training step (Trainer.train_step); checkpoints
+                 under our atomic tracker, each with a consolidated fp32 copy of the weights in Megatron's layout.
+                 The JSON handed to the engine is resolved (and checked) before any work: deepspeed_config.py
 
 The step. Without pipeline parallelism every micro-batch goes through the engine (forward, engine.backward,
 engine.step): ZeRO-2/3 reduce and partition gradients inside backward, in hooks only engine.backward drives. With
-pipeline parallelism (DeepSpeed allows it with ZeRO-1 only here, see deepspeed_config) megatron-core's 1F1B schedule
+pipeline parallelism (DeepSpeed allows it with ZeRO-1 only here, see deepspeed_config.py) megatron-core's 1F1B schedule
 runs the model chunks, so activations and their gradients cross stages through megatron-core's p2p exactly as
 without DeepSpeed; the gradients it accumulates in param.grad are reduced by the engine at one accumulation boundary
 and the engine takes the optimizer step.
@@ -21,7 +21,7 @@ refused), restarted with the optimizer by each phase; its state travels in the c
 
 from __future__ import annotations
 
-import glob
+import copy
 import importlib
 import json
 import os
@@ -33,10 +33,11 @@ from megatron.core.optimizer import _get_param_groups
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-from megatron_patch import checkpoint, parallel
-from megatron_patch.config import ConfigError, TrainingConfig, to_dict
-from megatron_patch.train import (Trainer, _forward_step, _model_key, global_losses, log, lr_scheduler,
-                                  megatron_optimizer_config)
+from megatron_patch import checkpoint, parallel, tracker
+from megatron_patch.config import to_dict
+from megatron_patch.parallel import print_rank_0
+from megatron_patch.step import forward_step, global_losses, lr_scheduler, megatron_optimizer_config
+from megatron_patch.train import Trainer
 
 
 class MegatronMpu:
@@ -70,92 +71,14 @@ class MegatronMpu:
         return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
 
 
-# -- configuration ---------------------------------------------------------------------------------------------
-
-def deepspeed_config(cfg: TrainingConfig, data_parallel: int) -> dict:
-    """The JSON of --deepspeed_config with every setting our flags also own filled from them; raises ConfigError
-    (one line naming the key and the flag) when the file says otherwise or asks for an unsupported combination."""
-    path = cfg.deepspeed.config
-    if not path:
-        raise ConfigError("--deepspeed needs --deepspeed_config FILE (examples in deepspeed_configs/)")
-    where = f"--deepspeed_config {path}"
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"{where}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{where}: expected a JSON object")
-
-    def section(name: str) -> dict:
-        value = ds.setdefault(name, {})
-        if not isinstance(value, dict):
-            raise ConfigError(f'{where}: "{name}" must be an object')
-        return value
-
-    def settle(node: dict, key: str, flag: str, value, dotted: str = "") -> None:
-        current = node.get(key, "auto")
-        if current == "auto":
-            node[key] = value
-        elif current != value:
-            raise ConfigError(
-                f'{where}: "{dotted or key}" is {json.dumps(current)} but {flag} gives {json.dumps(value)}; '
-                f'write "auto" there (the command line is the single source of truth)'
-            )
-
-    o = cfg.optim
-    settle(ds, "train_batch_size", "--global-batch-size", cfg.global_batch_size)
-    settle(ds, "train_micro_batch_size_per_gpu", "--micro-batch-size", cfg.micro_batch_size)
-    settle(ds, "gradient_accumulation_steps", "--global-batch-size / (--micro-batch-size x data-parallel size)",
-           cfg.global_batch_size // (cfg.micro_batch_size * data_parallel))
-    settle(ds, "gradient_clipping", "--clip-grad", o.clip_grad)
-    settle(section("bf16"), "enabled", "--bf16", cfg.bf16, "bf16.enabled")
-    if section("fp16").get("enabled", False) not in (False, "auto"):
-        raise ConfigError(f'{where}: "fp16.enabled": fp16 training is not supported here; use bf16 (--bf16)')
-    ds["fp16"]["enabled"] = False
-    if "scheduler" in ds:
-        raise ConfigError(f'{where}: remove "scheduler": the LR schedule is megatron\'s (--lr, --min-lr, '
-                          f'--lr-warmup-iters, --lr-decay-iters, --lr-decay-style)')
-    optimizer = section("optimizer")
-    settle(optimizer, "type", "megatron's Adam (decoupled weight decay)", "AdamW", "optimizer.type")
-    params = optimizer.setdefault("params", {})
-    settle(params, "lr", "--lr", o.lr, "optimizer.params.lr")
-    settle(params, "betas", "--adam-beta1/--adam-beta2", [o.adam_beta1, o.adam_beta2], "optimizer.params.betas")
-    settle(params, "eps", "--adam-eps", o.adam_eps, "optimizer.params.eps")
-    settle(params, "weight_decay", "--weight-decay", o.weight_decay, "optimizer.params.weight_decay")
-    if not torch.cuda.is_available():
-        params.setdefault("torch_adam", True)  # DeepSpeed's CPU Adam would JIT-compile (~45 s)
-    zero = section("zero_optimization")
-    if cfg.deepspeed.zero_stage is not None:
-        zero["stage"] = cfg.deepspeed.zero_stage
-    stage = zero.setdefault("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f'{where}: "zero_optimization.stage" must be 0, 1, 2 or 3, got {json.dumps(stage)}')
-    pp = cfg.parallel.pipeline_model_parallel_size
-    if pp > 1 and stage != 1:
-        reason = ("DeepSpeed partitions gradients/parameters only without pipeline parallelism" if stage > 1 else
-                  "DeepSpeed's stage-0 gradient clipping would count the replicated weights of the first pipeline "
-                  "stage only")
-        raise ConfigError(f"ZeRO stage {stage} with --pipeline-model-parallel-size {pp}: use ZeRO stage 1 "
-                          f"(--zero-stage 1) with pipeline parallelism; {reason}")
-    if pp > 1 and zero.get("overlap_comm", False):
-        raise ConfigError(f'{where}: "zero_optimization.overlap_comm" must be false with --pipeline-model-parallel-size '
-                          f'{pp}: the pipeline schedule accumulates every micro-batch first, the engine reduces once')
-    if cfg.parallel.sequence_parallel:
-        raise ConfigError("--sequence-parallel is not supported with --deepspeed (DeepSpeed does not all-reduce "
-                          "the sequence-parallel norm gradients over the tensor-parallel group)")
-    if cfg.load and checkpoint.latest_iteration(cfg.load) is not None:
-        resume = checkpoint.iteration_dir(cfg.load, checkpoint.latest_iteration(cfg.load))
-        if not _is_deepspeed_checkpoint(resume):
-            raise ConfigError(f"--load {cfg.load}: {resume} was not written with --deepspeed; resume it without "
-                              f"--deepspeed, or start from its weights with --pretrained-checkpoint")
+def for_this_device(ds: dict) -> dict:
+    """The resolved DeepSpeed config as this machine runs it: on CPU with torch's AdamW (DeepSpeed's CPU Adam would
+    JIT-compile for ~45 s)."""
+    if torch.cuda.is_available():
+        return ds
+    ds = copy.deepcopy(ds)
+    ds["optimizer"]["params"].setdefault("torch_adam", True)
     return ds
-
-
-def _is_deepspeed_checkpoint(iteration_dir: str) -> bool:
-    return bool(glob.glob(os.path.join(iteration_dir, "*model_states.pt")))
 
 
 def _import_deepspeed():
@@ -175,25 +98,24 @@ def _import_deepspeed():
 # -- training ----------------------------------------------------------------------------------------------------
 
 class DeepSpeedTrainer(Trainer):
-    """Trainer whose data parallelism, optimizer and checkpoints are a DeepSpeed engine's."""
+    """Trainer whose data parallelism, optimizer and checkpoints are a DeepSpeed engine's: fills the hooks of the
+    step skeleton (Trainer.train_step)."""
 
-    def _wrap(self, models: list) -> None:
+    def wrap(self, models: list) -> None:
         cfg = self.cfg
-        if checkpoint.latest_iteration(cfg.load) is None and cfg.pretrained_checkpoint:
-            # Before the engine exists: ZeRO partitions these weights and its fp32 copy starts from them.
-            self._load_pretrained_weights(models)
         # megatron's parameter groups: no weight decay on biases and norms (wd_mult 0, read by the LR schedule).
         groups = _get_param_groups(models, megatron_optimizer_config(cfg, self.config.params_dtype), None)
         for param in (p for m in models for p in m.parameters()):
             # megatron marks the last stage's copy of a tied embedding `shared`; DeepSpeed's gradient norm skips
             # parameters it is told another pipeline stage also holds.
             param.ds_pipe_replicated = getattr(param, "shared", False)
-        # DeepSpeed insists on LOCAL_RANK, which srun and a lone process do not set; parallel knows it from any launcher.
+        # DeepSpeed insists on LOCAL_RANK, which srun and a lone process do not set; parallel knows it from any
+        # launcher.
         os.environ.setdefault("LOCAL_RANK", str(parallel.launch_from_env().local_rank))
         self.engine, self.optimizer, _, _ = _import_deepspeed().initialize(
             model=models[0] if len(models) == 1 else torch.nn.ModuleList(models),
             model_parameters=[group for group in groups if group["params"]],
-            config=cfg.deepspeed.resolved,
+            config=for_this_device(cfg.deepspeed.resolved),
             mpu=MegatronMpu(),
             dist_init_required=False,
         )
@@ -207,31 +129,26 @@ class DeepSpeedTrainer(Trainer):
     def models(self) -> list:
         return self.chunks
 
-    def train_step(self, data_iterators) -> dict:
-        if self.pipelined:
-            self.engine.set_gradient_accumulation_boundary(False)  # reduce nothing while the schedule runs
-            loss, microbatch_losses = self._run_batches(data_iterators, self.num_microbatches, forward_only=False)
-            self._allreduce_tied_embedding_grads()
-            self.engine.set_gradient_accumulation_boundary(True)
-            self.engine.allreduce_gradients()
-        else:
-            loss, microbatch_losses = self._engine_micro_batches(data_iterators[0])
-        self._stop_if_diverged("loss", loss)  # before the update: the weights in memory stay the last good ones
+    def forward_backward(self, data_iterators):
+        if not self.pipelined:
+            return self._engine_micro_batches(data_iterators[0])
+        self.engine.set_gradient_accumulation_boundary(False)  # reduce nothing while the schedule runs
+        losses = self.run_batches(data_iterators, self.num_microbatches, forward_only=False)
+        self._allreduce_tied_embedding_grads()
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.allreduce_gradients()
+        return losses
+
+    def optimizer_step(self):
         grad_norm = self._grad_norm_before_step()
         self.engine.step()  # the accumulation boundary: ZeRO's reduction epilogue, clipping, the optimizer step
         grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
-        grad_norm = None if grad_norm is None else float(grad_norm)
-        self._stop_if_diverged("gradient norm", grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step(increment=1)
-        self.iteration += 1
-        self.consumed_samples += self.cfg.global_batch_size
-        if self.iteration == 1:
+        if self.iteration == 0:
             footprint = memory_footprint(self.engine)
-            log(f"deepspeed: ZeRO stage {self.engine.zero_optimization_stage()}, rank 0 holds "
-                f"{footprint['parameter_bytes']} bytes of parameters and {footprint['optimizer_bytes']} bytes of "
-                f"optimizer state ({json.dumps(footprint)})")
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "microbatch_losses": microbatch_losses}
+            print_rank_0(f"deepspeed: ZeRO stage {self.engine.zero_optimization_stage()}, rank 0 holds "
+                         f"{footprint['parameter_bytes']} bytes of parameters and {footprint['optimizer_bytes']} bytes "
+                         f"of optimizer state ({json.dumps(footprint)})")
+        return None if grad_norm is None else float(grad_norm)
 
     def _allreduce_tied_embedding_grads(self) -> None:
         """Tied input and output embeddings live on the first and the last pipeline stage: sum their gradients
@@ -251,8 +168,8 @@ class DeepSpeedTrainer(Trainer):
         for microbatch in range(self.num_microbatches):
             if microbatch:
                 self.engine.step()  # not a boundary yet: counts the micro-batch, no update
-            per_token_loss, loss_func = _forward_step(data_iterator, self.engine)
-            total, num_tokens, reported = loss_func(per_token_loss)
+            per_token_loss, reduce_loss = forward_step(data_iterator, self.engine)
+            total, num_tokens, reported = reduce_loss(per_token_loss)
             self.engine.backward(total / num_tokens.clamp(min=1))  # as megatron-core's schedules normalise
             entries.append(reported["lm loss"])
         return global_losses(entries, self.num_microbatches)
@@ -276,19 +193,14 @@ class DeepSpeedTrainer(Trainer):
             export_weights(self, staging)
 
         path = checkpoint.save_with(self.cfg.save, self.iteration, self.run_description, write)
-        log(f"saved DeepSpeed checkpoint and fp32 weights {path}")
+        print_rank_0(f"saved DeepSpeed checkpoint and fp32 weights {path}")
 
-    def load(self) -> None:
-        """Resume the engine (model, optimizer, ZeRO partitions) and our training state from --load. Weights from
-        --pretrained-checkpoint were loaded before the engine was built."""
-        iteration = checkpoint.latest_iteration(self.cfg.load)
-        if iteration is None:
-            return
-        self._check_compatible(self.cfg.load, iteration, resume=True)
-        tag = os.path.basename(checkpoint.iteration_dir(self.cfg.load, iteration))
+    def resume(self, iteration: int) -> None:
+        """The engine (model, optimizer, ZeRO partitions) and our training state from --load."""
+        tag = os.path.basename(tracker.iteration_dir(self.cfg.load, iteration))
         _, client_state = self.engine.load_checkpoint(self.cfg.load, tag=tag, load_lr_scheduler_states=False)
         self.restore_training_state(client_state)
-        log(f"resumed DeepSpeed checkpoint {self.cfg.load} at iteration {self.iteration}")
+        print_rank_0(f"resumed DeepSpeed checkpoint {self.cfg.load} at iteration {self.iteration}")
 
 
 def consolidated_weights(trainer: DeepSpeedTrainer) -> dict:
@@ -305,8 +217,10 @@ def consolidated_weights(trainer: DeepSpeedTrainer) -> dict:
             if name in params:
                 full = safe_get_full_fp32_param(params[name])  # None: plain fp32 parameter (ZeRO-0)
                 value = params[name].detach() if full is None else full
-            state[name] = value.detach().float().cpu().clone() if torch.is_tensor(value) and value.is_floating_point() else value
-        out[_model_key(index, len(trainer.chunks))] = state
+            if torch.is_tensor(value) and value.is_floating_point():
+                value = value.detach().float().cpu().clone()
+            state[name] = value
+        out[checkpoint.model_key(index, len(trainer.chunks))] = state
     return out
 
 

@@ -114,6 +114,12 @@ def set_rng_states(states: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
 
 
+def print_rank_0(message: str) -> None:
+    """Megatron-LM's name: a line from global rank 0 only (everyone when no process group is up)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
 def destroy() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -18,10 +18,11 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Tuple
 
-from megatron_patch.checkpoint import latest_iteration
-from megatron_patch.config import ConfigError, TrainingConfig
+from megatron_patch.config import ConfigError, TrainingConfig, iterations_for_tokens
+from megatron_patch.deepspeed_config import resolve_deepspeed_config
+from megatron_patch.tracker import latest_iteration
 
 PHASE_NAMES = ("phase1", "phase2")
 
@@ -116,7 +117,7 @@ def make_plan(cfg: TrainingConfig) -> TwoPhasePlan:
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
     if (cfg.train_iters is None) == (cfg.train_tokens is None):
         raise ConfigError("give exactly one of --train-iters and --train-tokens (the budget of both phases)")
-    total = cfg.train_iters if cfg.train_iters is not None else -(-cfg.train_tokens // tokens_per_step)
+    total = cfg.train_iters if cfg.train_iters is not None else iterations_for_tokens(cfg.train_tokens, tokens_per_step)
     phase1_iters = round(fraction * total)
     if not 0 < phase1_iters < total:
         raise ConfigError(
@@ -154,13 +155,29 @@ def phase_config(cfg: TrainingConfig, phase: PhasePlan) -> TrainingConfig:
     return out
 
 
+def phases_to_run(cfg: TrainingConfig, world_size: int) -> Tuple[List[TrainingConfig], Optional[TwoPhasePlan]]:
+    """The resolved phase configs this command runs and the plan they come from (None for a single phase).
+    Everything is checked here, before any process group starts; raises ConfigError."""
+    if cfg.plan.patch_fraction is None:
+        return [_resolve(cfg, world_size)], None
+    plan = make_plan(cfg)
+    return selected_phases(cfg, plan, world_size), plan
+
+
+def _resolve(cfg: TrainingConfig, world_size: int) -> TrainingConfig:
+    cfg.resolve(world_size)
+    if cfg.deepspeed.enabled:
+        cfg.deepspeed.resolved = resolve_deepspeed_config(cfg, cfg.data_parallel_size(world_size))
+    return cfg
+
+
 def selected_phases(cfg: TrainingConfig, plan: TwoPhasePlan, world_size: int) -> List[TrainingConfig]:
     """The phase configs this command runs (--phase), every one validated before any work. Running phase 2
     alone needs phase 1 finished; with both, phase 1 writes the checkpoint phase 2 starts from."""
     configs = [phase_config(cfg, p) for p in plan.phases]
     for config in configs:
         pretrained, config.pretrained_checkpoint = config.pretrained_checkpoint, None  # phase 1 may yet write it
-        config.resolve(world_size)
+        _resolve(config, world_size)
         config.pretrained_checkpoint = pretrained
     if cfg.plan.phase == "1":
         return configs[:1]

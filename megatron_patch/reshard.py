@@ -66,7 +66,8 @@ def _fit_vocab_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 def full_state_dict(checkpoint_dir: str, sharding: dict) -> dict:
     """All shards of one checkpoint iteration directory merged into unsharded tensors with global names."""
     # Directories only: a DeepSpeed checkpoint also holds mp_rank_*_model_states.pt files next to them.
-    shard_dirs = sorted(os.path.dirname(f) for f in glob.glob(os.path.join(checkpoint_dir, "mp_rank_*", "model_optim_rng.pt")))
+    shards = glob.glob(os.path.join(checkpoint_dir, "mp_rank_*", "model_optim_rng.pt"))
+    shard_dirs = sorted(os.path.dirname(f) for f in shards)
     if not shard_dirs:
         raise FileNotFoundError(f"{checkpoint_dir}: no mp_rank_*/model_optim_rng.pt shards")
     by_tp: dict = {}  # global name -> {tp_rank: tensor}
@@ -102,7 +103,8 @@ def load_into(model, full: dict) -> None:
         if not isinstance(current, torch.Tensor):
             continue
         global_name = _renumber(name, offset)
-        if model.share_embeddings_and_output_weights and global_name == "output_layer.weight" and global_name not in full:
+        tied = model.share_embeddings_and_output_weights
+        if tied and global_name == "output_layer.weight" and global_name not in full:
             # Tied embeddings: only a pipeline layout keeps the last stage's copy; one stage has just the embedding.
             global_name = "embedding.word_embeddings.weight"
         if global_name not in full:
@@ -113,6 +115,7 @@ def load_into(model, full: dict) -> None:
         if _layout_key(name) in sharding:
             tensor = _split(tensor, *sharding[_layout_key(name)], rank, tp)
         if tensor.shape != current.shape:
-            raise ValueError(f"{global_name}: checkpoint shape {tuple(tensor.shape)} does not fit {tuple(current.shape)}")
+            raise ValueError(f"{global_name}: checkpoint shape {tuple(tensor.shape)} does not fit "
+                             f"{tuple(current.shape)}")
         local[name] = tensor
     model.load_state_dict(local)

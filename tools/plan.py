@@ -1,39 +1,8 @@
 #!/usr/bin/env python3
-"""Print the two-phase plan a training command would run, without running it.
+"""Print the two-phase plan a training command would run, without running it (no torch: login nodes).
+Same as the `megatron-patch-plan` console script; see megatron_patch/cli/plan.py."""
 
-  python tools/plan.py --patch-size 4 --patch-fraction 0.667 --seq-length 2048 --global-batch-size 1024 \\
-      --micro-batch-size 4 --train-tokens 100000000000 --lr-warmup-iters 2000 --save ckpt [--json]
-
-Takes the flags of pretrain_patch_gpt.py (model and data flags are accepted and ignored): --seq-length and
---global-batch-size describe the token-level phase 2; phase 1 reads K times longer samples, K times fewer per
-step, so both phases see the same tokens per step. Add --patch-fraction to pretrain_patch_gpt.py's command to run
-the plan (both phases, or one with --phase 1 / --phase 2 for job chaining).
-"""
-
-from __future__ import annotations
-
-import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_patch.config import ConfigError, parse_args  # noqa: E402
-from megatron_patch.plan import make_plan  # noqa: E402
-
-
-def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    as_json = "--json" in argv
-    if as_json:
-        argv.remove("--json")
-    try:
-        plan = make_plan(parse_args(argv))
-    except ConfigError as e:
-        print(f"plan: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(plan.to_dict(), indent=2) if as_json else plan.describe())
-
+from megatron_patch.cli.plan import main
 
 if __name__ == "__main__":
     main()

@@ -135,7 +135,8 @@ def number_lines(pieces: List[Piece], line_counts: Dict[Tuple[str, int], int]) -
     """The pieces with `first_line` set from the line counts of the pieces before them in the same file."""
     numbered = []
     for piece in pieces:
-        before = sum(count for (path, start), count in line_counts.items() if path == piece.path and start < piece.start)
+        before = sum(count for (path, start), count in line_counts.items()
+                     if path == piece.path and start < piece.start)
         numbered.append(Piece(piece.path, piece.start, piece.end, 1 + before))
     return numbered
 

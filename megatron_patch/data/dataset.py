@@ -22,6 +22,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
+from megatron_patch.data.indexed import read_sidecar
+
 
 class DataError(ValueError):
     """A dataset that cannot give what the run asks of it; reported as one line."""
@@ -148,3 +150,54 @@ def build_datasets(
         train_data_range=tuple(train_data_range),
     )
     return BlendedMegatronDatasetBuilder(PatchGPTDataset, num_samples, is_built_on_rank, config).build()
+
+
+def dataset_sizes(prefixes: List[str], weights: Optional[List[float]]) -> List[dict]:
+    """Fingerprint of a --data-path blend: weight, documents and tokens of each dataset."""
+    sizes = []
+    for i, prefix in enumerate(prefixes):
+        dataset = IndexedDataset(prefix)  # keep it alive: its lengths are a view of its memory map
+        lengths = dataset.sequence_lengths
+        sizes.append({"weight": weights[i] if weights else None, "documents": int(lengths.size),
+                      "tokens": int(lengths.sum(dtype="int64"))})
+    return sizes
+
+
+def alignment_pad_id(prefixes: List[str], tokenizer) -> int:
+    """The id preprocessing padded documents with (their sidecars; the tokenizer's pad id for datasets without
+    one): labels equal to it get no loss. Datasets of one blend must agree."""
+    sidecars = [read_sidecar(prefix) for prefix in prefixes]
+    ids = {s["pad_id"] for s in sidecars if s and s.get("patch_size", 1) > 1}
+    if len(ids) > 1:
+        raise DataError(f"--data-path: the datasets were padded with different pad ids {sorted(ids)}; "
+                        f"preprocess them with one --pad-id")
+    return ids.pop() if ids else tokenizer.pad
+
+
+class MicroBatchSampler:
+    """Megatron's pretraining sampler: samples in order from `consumed_samples`; each round of
+    micro_batch_size * DP samples is split across the data-parallel ranks."""
+
+    def __init__(self, total_samples, consumed_samples, micro_batch_size, dp_rank, dp_size):
+        self.total, self.consumed = total_samples, consumed_samples
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self):
+        round_size = self.micro_batch_size * self.dp_size
+        start = self.dp_rank * self.micro_batch_size
+        for first in range(self.consumed, self.total - round_size + 1, round_size):
+            yield list(range(first + start, first + start + self.micro_batch_size))
+
+
+def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  num_workers: int, seed: int):
+    """An iterator over this data-parallel rank's micro-batches, from `consumed_samples` on."""
+    sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+            # Its own generator: a new iterator draws a seed, which from the global one would shift the dropout
+            # stream of a resumed run (its iterators are made at another point of that stream).
+            generator=torch.Generator().manual_seed(seed),
+        )
+    )

@@ -1,0 +1,211 @@
+"""The command line of pretrain_patch_gpt.py (and tools/plan.py): Megatron-LM's flag names, grouped as in
+`--help`, filling a TrainingConfig. One table drives parsing, help and error messages (`flag_for`).
+`--model-preset NAME` sets the model flags of a preset (presets.py); flags given explicitly override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+from megatron_patch.config import TrainingConfig
+from megatron_patch.presets import MODEL_PRESETS
+
+
+@dataclass
+class Flag:
+    name: str
+    path: str  # dotted TrainingConfig field
+    help: str
+    kwargs: dict = field(default_factory=dict)
+    negated: bool = False  # the flag turns the field OFF (--disable-bias-linear -> add_bias_linear = False)
+
+    @property
+    def dest(self) -> str:
+        return self.path.replace(".", "__")
+
+
+ON = dict(action=argparse.BooleanOptionalAction)  # --x / --no-x: a preset may have turned it on
+
+GROUPS = {
+    "model": [
+        Flag("--num-layers", "model.num_layers", "transformer layers", dict(type=int)),
+        Flag("--hidden-size", "model.hidden_size", "hidden size", dict(type=int)),
+        Flag("--num-attention-heads", "model.num_attention_heads", "attention heads", dict(type=int)),
+        Flag("--ffn-hidden-size", "model.ffn_hidden_size",
+             "MLP hidden size (default 4 x hidden; LLaMA: 8/3 x hidden with --swiglu)", dict(type=int)),
+        Flag("--max-position-embeddings", "model.max_position_embeddings",
+             "learned positions only: table size (default: seq-length / patch-size)", dict(type=int)),
+        Flag("--normalization", "model.normalization", "layer norm type", dict(choices=["LayerNorm", "RMSNorm"])),
+        Flag("--swiglu", "model.swiglu", "gated SiLU MLP (LLaMA) instead of GELU", ON),
+        Flag("--position-embedding-type", "model.position_embedding_type",
+             "positions of the decoder input (patch indices in phase 1)", dict(choices=["learned_absolute", "rope"])),
+        Flag("--rotary-base", "model.rotary_base", "RoPE base", dict(type=int)),
+        Flag("--disable-bias-linear", "model.add_bias_linear", "no biases in linear layers (LLaMA)", ON, negated=True),
+        Flag("--untie-embeddings-and-output-weights", "model.untie_embeddings_and_output_weights",
+             "separate input embedding and output layer (LLaMA)", ON),
+        Flag("--hidden-dropout", "model.hidden_dropout", "dropout after attention and MLP", dict(type=float)),
+        Flag("--attention-dropout", "model.attention_dropout", "dropout of attention probabilities",
+             dict(type=float)),
+        Flag("--init-method-std", "model.init_method_std", "std of the normal weight initialisation",
+             dict(type=float)),
+        Flag("--norm-epsilon", "model.norm_epsilon", "epsilon of the norm layers", dict(type=float)),
+    ],
+    "patch-level training": [
+        Flag("--patch-size", "patch_size",
+             "K: tokens per patch. K > 1 trains at patch level (mean of K embeddings in, K-target loss out); "
+             "1 = token level", dict(type=int)),
+        Flag("--patch-fraction", "plan.patch_fraction",
+             "lambda: run the two-phase plan, this fraction of the token budget at patch level (--seq-length, "
+             "--global-batch-size, --train-tokens/--train-iters then describe the token-level run)", dict(type=float)),
+        Flag("--phase", "plan.phase", "with --patch-fraction: the phase(s) this command runs (job chaining)",
+             dict(choices=["1", "2", "both"])),
+    ],
+    "parallelism": [
+        Flag("--tensor-model-parallel-size", "parallel.tensor_model_parallel_size", "tensor-parallel ranks",
+             dict(type=int)),
+        Flag("--pipeline-model-parallel-size", "parallel.pipeline_model_parallel_size", "pipeline stages",
+             dict(type=int)),
+        Flag("--num-layers-per-virtual-pipeline-stage", "parallel.num_layers_per_virtual_pipeline_stage",
+             "interleaved 1F1B: layers per model chunk", dict(type=int)),
+        Flag("--sequence-parallel", "parallel.sequence_parallel",
+             "with tensor parallelism: norms and dropout on a slice of the sequence", dict(action="store_true")),
+    ],
+    "data": [
+        Flag("--data-path", "data.data_path",
+             "dataset prefix(es) from tools/preprocess_data.py, or a blend `W1 PREFIX1 W2 PREFIX2 ...`",
+             dict(nargs="+")),
+        Flag("--split", "data.split", "train,valid,test proportions of the documents", dict()),
+        Flag("--tokenizer-model", "data.tokenizer_model", "SentencePiece model the datasets were written with", dict()),
+        Flag("--data-cache-path", "data.data_cache_path", "where megatron-core caches sample indices", dict()),
+        Flag("--num-workers", "data.num_workers", "data loader worker processes", dict(type=int)),
+        Flag("--train-data-range", "data.train_data_range",
+             "[START, END) fractions of the training split's tokens this run reads (a plan sets it per phase)",
+             dict(type=float, nargs=2, metavar=("START", "END"))),
+    ],
+    "training": [
+        Flag("--seq-length", "seq_length", "tokens read per sample (K x positions)", dict(type=int)),
+        Flag("--micro-batch-size", "micro_batch_size", "samples per forward/backward per data-parallel rank",
+             dict(type=int)),
+        Flag("--global-batch-size", "global_batch_size",
+             "samples per optimizer step (default: micro-batch x data-parallel size; more = accumulation)",
+             dict(type=int)),
+        Flag("--train-iters", "train_iters", "optimizer steps", dict(type=int)),
+        Flag("--train-tokens", "train_tokens", "tokens to read, instead of --train-iters", dict(type=int)),
+        Flag("--seed", "seed", "random seed (weights, data order, dropout)", dict(type=int)),
+        Flag("--bf16", "bf16", "bf16 weights and activations, fp32 master weights", dict(action="store_true")),
+        Flag("--exit-signal-handler", "exit_signal_handler",
+             "on SIGTERM/SIGUSR1 finish the step, save and exit 0", dict(action="store_true")),
+        Flag("--exit-interval", "exit_interval", "stop (and save) after an iteration divisible by this",
+             dict(type=int)),
+        Flag("--exit-duration-in-mins", "exit_duration_in_mins", "stop (and save) after this much wall time",
+             dict(type=float)),
+    ],
+    "optimizer": [
+        Flag("--lr", "optim.lr", "peak learning rate (AdamW)", dict(type=float)),
+        Flag("--min-lr", "optim.min_lr", "learning rate at the end of the decay", dict(type=float)),
+        Flag("--lr-decay-style", "optim.lr_decay_style", "decay after warmup",
+             dict(choices=["cosine", "linear", "constant"])),
+        Flag("--lr-warmup-iters", "optim.lr_warmup_iters", "linear warmup steps (per phase)", dict(type=int)),
+        Flag("--lr-decay-iters", "optim.lr_decay_iters", "decay steps (default: the phase's iterations)",
+             dict(type=int)),
+        Flag("--weight-decay", "optim.weight_decay", "decoupled weight decay (not on biases and norms)",
+             dict(type=float)),
+        Flag("--adam-beta1", "optim.adam_beta1", "Adam beta1", dict(type=float)),
+        Flag("--adam-beta2", "optim.adam_beta2", "Adam beta2", dict(type=float)),
+        Flag("--adam-eps", "optim.adam_eps", "Adam epsilon", dict(type=float)),
+        Flag("--clip-grad", "optim.clip_grad", "clip the global gradient norm to this", dict(type=float)),
+    ],
+    "logging and evaluation": [
+        Flag("--log-interval", "log_interval", "iterations between log lines", dict(type=int)),
+        Flag("--log-json", "log_json", "append one JSON line per step and a summary per phase to this file", dict()),
+        Flag("--eval-interval", "eval_interval", "iterations between validation runs", dict(type=int)),
+        Flag("--eval-iters", "eval_iters", "global batches per validation run", dict(type=int)),
+    ],
+    "checkpointing": [
+        Flag("--save", "save", "checkpoint directory to write (Megatron-LM layout, atomic tracker)", dict()),
+        Flag("--save-interval", "save_interval", "iterations between checkpoints (one is always saved at the end)",
+             dict(type=int)),
+        Flag("--load", "load", "resume from this checkpoint directory if it holds one", dict()),
+        Flag("--pretrained-checkpoint", "pretrained_checkpoint",
+             "start from these weights only (fresh optimizer and LR schedule; any parallel layout), e.g. phase 1's",
+             dict()),
+    ],
+    "DeepSpeed": [
+        Flag("--deepspeed", "deepspeed.enabled", "data parallelism and ZeRO through a DeepSpeed engine",
+             dict(action="store_true")),
+        Flag("--deepspeed_config", "deepspeed.config",
+             "DeepSpeed JSON; our flags fill its \"auto\"/missing values (deepspeed_configs/)", dict()),
+        Flag("--zero-stage", "deepspeed.zero_stage", "overrides the JSON's zero_optimization.stage",
+             dict(type=int, choices=[0, 1, 2, 3])),
+    ],
+}
+FLAGS = [flag for flags in GROUPS.values() for flag in flags]
+
+
+def flag_for(path: str) -> str:
+    """The command-line flag of a config field (`model.hidden_size` -> `--hidden-size`)."""
+    return next((flag.name for flag in FLAGS if flag.path == path), path)
+
+
+def _get(obj, path):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(obj, path, value):
+    *parents, leaf = path.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, value)
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser(prog: str = "pretrain_patch_gpt.py") -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(
+        prog=prog, description="Patch-level (then token-level) GPT pretraining on megatron-core.",
+        epilog="Defaults are the paper's recipe where it has one. See README.md.")
+    presets = parser.add_argument_group("model preset")
+    presets.add_argument("--model-preset", choices=sorted(MODEL_PRESETS),
+                         help="a named model (presets.py): the paper's LLaMA sizes or the CPU ones; explicit model "
+                              "flags override it")
+    defaults = TrainingConfig()
+    for title, flags in GROUPS.items():
+        group = parser.add_argument_group(title)
+        for flag in flags:
+            kwargs = dict(flag.kwargs)
+            default = _get(defaults, flag.path)
+            if flag.negated:
+                default = not default
+            if kwargs.get("action") != "store_true":
+                kwargs["default"] = default
+            if not {"action", "choices", "metavar"} & kwargs.keys():
+                kwargs["metavar"] = flag.name.lstrip("-").upper().replace("-", "_")  # as Megatron-LM shows them
+            shown = f" (default: {default})" if default not in (None, False) and "nargs" not in kwargs else ""
+            group.add_argument(flag.name, dest=flag.dest, help=flag.help + shown, **kwargs)
+    # Set by the deepspeed launcher; accepted so the same command line works under every launcher.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None, prog: str = "pretrain_patch_gpt.py") -> TrainingConfig:
+    parser = build_parser(prog)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset, _ = parser.parse_known_args(argv)
+    if preset.model_preset:
+        values = MODEL_PRESETS[preset.model_preset]
+        parser.set_defaults(**{f"model__{name}": value for name, value in values.items() if name != "add_bias_linear"},
+                            model__add_bias_linear=not values["add_bias_linear"])
+    args = parser.parse_args(argv)
+    cfg = TrainingConfig()
+    for flag in FLAGS:
+        value = getattr(args, flag.dest)
+        _set(cfg, flag.path, (not value) if flag.negated else value)
+    return cfg

@@ -13,7 +13,7 @@ import numpy
 import torch.distributed as dist
 
 from megatron_patch import parallel
-from megatron_patch.config import parse_args
+from megatron_patch.flags import parse_args
 from megatron_patch.train import Trainer
 
 out, argv = sys.argv[1], sys.argv[2:]

@@ -5,7 +5,6 @@ values and gradients."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 

@@ -10,8 +10,9 @@ import sys
 import torch.distributed as dist
 
 from megatron_patch import checkpoint, parallel
-from megatron_patch.config import parse_args, to_dict
-from megatron_patch.train import Trainer, _model_key
+from megatron_patch.config import to_dict
+from megatron_patch.flags import parse_args
+from megatron_patch.train import Trainer
 
 out, argv = sys.argv[1], sys.argv[2:]
 cfg = parse_args(argv).resolve(parallel.launch_from_env().world_size)
@@ -21,9 +22,10 @@ trainer.load()
 train, _ = trainer.build_datasets()
 for chunk in trainer.chunks:
     chunk.zero_grad_buffer()
-trainer._run_batches(trainer.data_iterators(train, 0), trainer.num_microbatches, forward_only=False)
+trainer.run_batches(trainer.data_iterators(train, 0), trainer.num_microbatches, forward_only=False)
 grads = {
-    _model_key(i, len(trainer.models)): {name: p.main_grad.detach().clone() for name, p in model.named_parameters()}
+    checkpoint.model_key(i, len(trainer.models)): {name: p.main_grad.detach().clone()
+                                                    for name, p in model.named_parameters()}
     for i, model in enumerate(trainer.models)
 }
 checkpoint.save(out, 1, {**grads, "config": to_dict(cfg)}, trainer.run_description)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import assert_same_run, launcher, phase_flags, run, train_losses
+from helpers import assert_same_run, launcher, phase_flags, run, train_losses
 
 
 @pytest.mark.parametrize("k", [1, 4])

@@ -10,9 +10,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, assert_same_run, free_port, launcher, phase_flags, run, train_losses, train_run
-from megatron_patch import checkpoint, reshard
-from megatron_patch.config import TRACKER
+from helpers import PYTHON, ROOT, assert_same_run, free_port, launcher, phase_flags, run, train_losses, train_run
+from megatron_patch import reshard, runlog
+from megatron_patch.tracker import TRACKER, iteration_dir
 
 STEPS = 5
 LAYOUTS = {"dp2": (2, []), "tp2_dp2": (4, ["--tensor-model-parallel-size", "2"])}
@@ -117,7 +117,7 @@ def test_resume_from_step_3_matches_uninterrupted_run(corpus, tmp_path, zero_run
     series, _, saved = zero_run(stage, "dp2")
     # The checkpoint the run wrote at step 3, as the latest one of a fresh directory.
     resume_dir = tmp_path / "ckpt"
-    shutil.copytree(checkpoint.iteration_dir(str(saved), 3), checkpoint.iteration_dir(str(resume_dir), 3))
+    shutil.copytree(iteration_dir(str(saved), 3), iteration_dir(str(resume_dir), 3))
     (resume_dir / TRACKER).write_text("3\n")
     resumed, stdout = train_run(corpus, tmp_path, K_OF[(stage, "dp2")], [*zero(stage), "--load", str(resume_dir)],
                                 STEPS, launcher(2))
@@ -138,8 +138,8 @@ def test_phase2_under_deepspeed_starts_from_zero3_phase1(corpus, tmp_path, refer
     """The fp32 weights exported from ZeRO-3's shards are the weights one process trained, and a phase-2 engine
     (fresh optimizer) started from them trains like phase 2 started from the one-process phase 1."""
     _, _, zero3_dir = zero_run(3, "dp2")  # phase 1: K=4 under ZeRO-3
-    exported = reshard.full_state_dict(checkpoint.iteration_dir(str(zero3_dir), STEPS), {})
-    trained = reshard.full_state_dict(checkpoint.iteration_dir(str(reference[4][1]), STEPS), {})
+    exported = reshard.full_state_dict(iteration_dir(str(zero3_dir), STEPS), {})
+    trained = reshard.full_state_dict(iteration_dir(str(reference[4][1]), STEPS), {})
     assert exported.keys() == trained.keys() and len(exported) > 10
     for name, tensor in trained.items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-5, msg=name)
@@ -159,8 +159,7 @@ def test_a_two_phase_plan_under_deepspeed_gives_the_plan_without(corpus, tmp_pat
             "--save", str(out / "ckpt"), "--log-json", str(out / "log.jsonl"), *extra], steps=10)])
         losses = []
         for phase in ("phase1", "phase2"):
-            with open(out / f"log.{phase}.jsonl") as f:
-                losses.append([json.loads(line)["loss"] for line in f if '"loss"' in line])
+            losses.append([r["loss"] for r in runlog.steps(str(out / f"log.{phase}.jsonl")).values()])
         return losses
 
     without = phase_losses(tmp_path / "plain", [PYTHON], [])

@@ -4,20 +4,11 @@ each parameter's full gradient (TP shards and pipeline stages reassembled) withi
 import pytest
 import torch
 
-from conftest import ROOT, launcher, phase_flags, run
-from megatron_patch import checkpoint, reshard
-from megatron_patch.config import ModelConfig, ParallelConfig
+from helpers import LAYOUTS, ROOT, launcher, phase_flags, run
+from megatron_patch import reshard, tracker
+from megatron_patch.config import ParallelConfig
 from megatron_patch.model import build_model
-
-LAYOUTS = {
-    "dp2": (2, []),
-    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
-    "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
-    "pp2_vpp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
-    "tp2_pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-    "dp2_pp2_vpp2": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
-}
+from megatron_patch.presets import preset_model
 
 
 def full_gradients(corpus, out, k, nproc, flags, start, sharding):
@@ -25,15 +16,12 @@ def full_gradients(corpus, out, k, nproc, flags, start, sharding):
                                           "--micro-batch-size", "1", *flags])
     run([*launcher(nproc), f"{ROOT}/tests/distributed/grad_worker.py", str(out / "grads"), *flags],
         env={"PYTHONPATH": ROOT})
-    return reshard.full_state_dict(checkpoint.iteration_dir(str(out / "grads"), 1), sharding)
+    return reshard.full_state_dict(tracker.iteration_dir(str(out / "grads"), 1), sharding)
 
 
 @pytest.fixture(scope="module")
 def sharding(megatron_process):
-    model = build_model(ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=176,
-                                    max_position_embeddings=32, normalization="RMSNorm", swiglu=True,
-                                    position_embedding_type="rope", add_bias_linear=False,
-                                    untie_embeddings_and_output_weights=True), ParallelConfig(), 1024, 4)
+    model = build_model(preset_model("tiny", num_layers=4, max_position_embeddings=32), ParallelConfig(), 1024, 4)
     return reshard.sharding_of(model)
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import PYTHON, run
+from helpers import PYTHON, run
 from megatron_patch.data.corpus import split_inputs
 
 MPIRUN = shutil.which("mpirun")

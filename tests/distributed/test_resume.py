@@ -1,7 +1,6 @@
 """Resume exactness across a kill -9 of a 2-process run, and the phase hand-off across layouts (resharding)."""
 
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -10,17 +9,10 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT, launcher, phase_flags, run
-
+from helpers import PP2, ROOT, TP2, launcher, phase_flags, run
+from megatron_patch import runlog, tracker
 
 _LOG_IDS = itertools.count()
-
-
-def _records(log):
-    """The last record of each iteration (a resumed run logs again the steps it redoes)."""
-    with open(log) as f:
-        records = [json.loads(line) for line in f]
-    return {r["iteration"]: r for r in records if "iteration" in r}
 
 
 def test_kill_9_between_checkpoints_then_resume_gives_bitwise_the_same_steps(corpus, tmp_path):
@@ -31,24 +23,24 @@ def test_kill_9_between_checkpoints_then_resume_gives_bitwise_the_same_steps(cor
             "--save-interval", "5", "--log-json", str(out) + ".jsonl"], steps=24)]
 
     run(flags(tmp_path / "reference"))
-    reference = _records(str(tmp_path / "reference") + ".jsonl")
+    reference = runlog.steps(str(tmp_path / "reference") + ".jsonl")
 
     crashed, log = tmp_path / "crashed", str(tmp_path / "crashed") + ".jsonl"
     proc = subprocess.Popen(flags(crashed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.exists(log) and max(_records(log), default=0) in (7, 12, 17)):
+    while time.time() < deadline and not (os.path.exists(log) and max(runlog.steps(log), default=0) in (7, 12, 17)):
         time.sleep(0.01)  # just logged: midway between two checkpoints
     # torchrun and both workers (torchrun starts each in a session of its own), no chance to clean up.
     for victim in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
         victim.send_signal(signal.SIGKILL)
     proc.wait()
-    reached = max(_records(log))
-    saved = int((crashed / "latest_checkpointed_iteration.txt").read_text())
+    reached = max(runlog.steps(log))
+    saved = tracker.latest_iteration(str(crashed))
     assert 5 <= saved < reached < 24  # killed between checkpoints: steps after `saved` are lost and redone
 
     resumed = run(flags(crashed))
     assert f"resumed from {crashed} at iteration {saved}" in resumed.stdout
-    after = _records(log)
+    after = runlog.steps(log)
     assert sorted(after) == list(range(1, 25))
     for iteration in range(saved + 1, 25):
         for key in ("loss", "grad_norm", "microbatch_losses", "lr"):
@@ -63,10 +55,8 @@ def _first_step_loss(corpus, out, layout, pretrained, tied):
     log = out / f"handoff{next(_LOG_IDS)}.jsonl"
     run([*launcher(2 if layout else 1), "pretrain_patch_gpt.py", *_flags(corpus, out, 1, [
         *layout, "--lr-warmup-iters", "0", "--pretrained-checkpoint", pretrained, "--log-json", str(log)], tied, 1)])
-    return _records(str(log))[1]["loss"]
+    return runlog.steps(str(log))[1]["loss"]
 
-
-TP2, PP2 = ["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]
 
 
 @pytest.mark.parametrize("source,target,tied", [(TP2, [], False), (PP2, [], False), ([], PP2, True)],

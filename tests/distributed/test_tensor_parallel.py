@@ -3,7 +3,7 @@ fused vocab-parallel K-target loss) against one process."""
 
 import pytest
 
-from conftest import ROOT, TORCHRUN, assert_same_run, run, train_losses
+from helpers import ROOT, TORCHRUN, assert_same_run, run, train_losses
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])

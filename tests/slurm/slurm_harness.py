@@ -9,6 +9,7 @@ scripts' rendezvous on the first node: the harness adds an /etc/hosts line, tagg
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from helpers import ensure_programs
+from megatron_patch.parallel import free_port
 
 NODES = ("n1", "n2")
 RUNTIME_ROOT = Path(tempfile.gettempdir()) / "megatron-patch-slurm"
@@ -31,24 +33,6 @@ HOSTS_TAG = "# megatron-patch tests/slurm pid="
 SESSION_VARIABLE = "MEGATRON_PATCH_SLURM_SESSION"  # = the pytest pid, in every process a session starts
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED"}
-
-
-def ensure_programs(programs, packages):
-    """Make `programs` available, apt-get installing `packages` if one is missing; skip (saying why) when that
-    cannot be done here."""
-    missing = [p for p in programs if not shutil.which(p)]
-    if not missing:
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip(f"{', '.join(missing)} missing, and installing {' '.join(packages)} needs root and apt-get")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
-    # Try the package lists at hand first; refresh them only if that fails (a fresh image has none).
-    if subprocess.run(install, capture_output=True, env=env).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
-        result = subprocess.run(install, capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            pytest.skip(f"apt-get could not install {' '.join(packages)}: {result.stderr.strip()[-300:]}")
 
 
 def _alive(pid: int) -> bool:
@@ -244,8 +228,8 @@ PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
         raise AssertionError(f"job {job_id} still {last} after {timeout} s")
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
+@contextlib.contextmanager
+def running_cluster():
     """A running two-node Slurm (see the module docstring); SLURM_CONF for clients is in `cluster.env`."""
     ensure_programs(["slurmctld", "slurmd", "sbatch"], ["slurmctld", "slurmd", "slurm-client"])
     clean_previous_sessions()

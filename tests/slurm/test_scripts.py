@@ -1,8 +1,6 @@
 """The Slurm scripts (slurm/) on a real Slurm with two nodes: the chained two-phase plan, pre-emption (save,
 requeue, resume), preprocessing over two nodes, settings checks and shellcheck."""
 
-import glob
-import json
 import os
 import re
 import subprocess
@@ -10,12 +8,10 @@ import time
 
 import pytest
 
-from conftest import PYTHON, ROOT, TINY_MODEL_FLAGS, run
-from megatron_patch import checkpoint
-from slurm_harness import ensure_programs, slurm_cluster  # noqa: F401  (fixture)
+from helpers import PYTHON, ROOT, TINY
+from megatron_patch import runlog, tracker
 
 SLURM_DIR = os.path.join(ROOT, "slurm")
-SCRIPTS = sorted(glob.glob(f"{SLURM_DIR}/*.sh") + glob.glob(f"{SLURM_DIR}/*.sbatch"))
 
 
 def settings(corpus, out, **overrides):
@@ -27,7 +23,7 @@ def settings(corpus, out, **overrides):
         "TOKENIZER_MODEL": corpus["tokenizer"], "DATA_PATH": corpus["aligned4"], "CKPT_DIR": str(out / "ckpt"),
         "PATCH_SIZE": "4", "PATCH_FRACTION": "0.75", "SEQ_LENGTH": "32", "GLOBAL_BATCH_SIZE": "32",
         "MICRO_BATCH_SIZE": "2",
-        "MODEL_ARGS": " ".join(TINY_MODEL_FLAGS), "OPTIMIZER_ARGS": "--lr 3e-3 --lr-warmup-iters 1",
+        "MODEL_ARGS": " ".join(TINY), "OPTIMIZER_ARGS": "--lr 3e-3 --lr-warmup-iters 1",
         "EXTRA_ARGS": f"--data-cache-path {out / 'cache'} --eval-interval 1000 --eval-iters 1",
         # Slurm's PMIx plugin cannot serve two emulated nodes on one host (their step daemons cannot tell each
         # other apart); Open MPI's mpirun starts one rank per Slurm task instead (through srun).
@@ -38,9 +34,8 @@ def settings(corpus, out, **overrides):
 
 def read_log_json(path):
     """(per-step records, phase summaries) of a --log-json file that may hold several runs of one phase."""
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
-    return [r for r in records if "loss" in r], [r["summary"] for r in records if "summary" in r]
+    records = runlog.read_records(path)
+    return [r for r in records if "loss" in r], runlog.summaries(path)
 
 
 def job_output(directory, name, job_id):
@@ -77,7 +72,7 @@ def test_two_phase_plan_runs_phase_2_from_phase_1_weights(two_phase_plan):
     for phase, output, patch_size, iters in [(1, phase1, 4, 30), (2, phase2, 1, 10)]:
         # One launcher per node, two trainer processes in all, each phase complete.
         assert "nodes n[1-2], 1 processes per node" in output and "world size 2" in output, output
-        assert checkpoint.latest_iteration(str(ckpt / f"phase{phase}")) == iters
+        assert tracker.latest_iteration(str(ckpt / f"phase{phase}")) == iters
         steps, summaries = read_log_json(ckpt / f"train.phase{phase}.jsonl")
         assert [s["iteration"] for s in steps] == list(range(1, iters + 1))
         assert [(s["patch_size"], s["iteration"], s["train_iters"]) for s in summaries] == [
@@ -127,7 +122,7 @@ def test_preemption_signal_saves_requeues_and_completes(slurm_cluster, corpus, t
     assert f"resumed from {tmp_path}/ckpt/phase1 at iteration {stopped}" in output, output
     # Each step exactly once: the second run went on from the checkpoint of the first.
     assert [s["iteration"] for s in steps] == list(range(1, iters + 1))
-    assert checkpoint.latest_iteration(str(tmp_path / "ckpt" / "phase1")) == iters
+    assert tracker.latest_iteration(str(tmp_path / "ckpt" / "phase1")) == iters
 
 
 def run_script(script, *args, env):
@@ -164,8 +159,3 @@ def test_phase_script_outside_a_job_says_so():
     assert result.returncode == 2
     assert result.stderr == ("phase.sbatch: error: not inside a Slurm job: submit with sbatch (settings check only: "
                              "--check)\n")
-
-
-def test_scripts_pass_shellcheck():
-    ensure_programs(["shellcheck"], ["shellcheck"])
-    run(["shellcheck", "-x", *SCRIPTS])

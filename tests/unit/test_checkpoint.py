@@ -2,14 +2,15 @@
 last good one, and resuming on another model, tokenizer or dataset is a clear error, not silent garbage."""
 
 import os
-import signal
 import subprocess
 import time
 
 import pytest
 
-from conftest import PYTHON, ROOT, free_port, phase_flags, run
-from megatron_patch.config import ConfigError, parse_args
+from helpers import PYTHON, ROOT, free_port, phase_flags, run
+from megatron_patch.config import ConfigError
+from megatron_patch.flags import parse_args
+from megatron_patch.tracker import TRACKER, latest_iteration
 from megatron_patch.train import Trainer
 
 
@@ -20,11 +21,6 @@ def saved(corpus, tmp_path_factory):
     flags = phase_flags(corpus, out, 4, ["--save", str(out / "ckpt")], steps=2)
     run([PYTHON, "pretrain_patch_gpt.py", *flags])
     return flags, str(out / "ckpt")
-
-
-def _tracker(root):
-    with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
-        return int(f.read())
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +46,8 @@ def test_resuming_with_another_model_data_or_tokenizer_is_a_clear_error(
         megatron_process, saved, corpus, other_tokenizer, change, message):
     flags, ckpt = saved
     if isinstance(change, str):
-        change = {"plain": ["--data-path", corpus["plain"]], "tokenizer": ["--tokenizer-model", other_tokenizer]}[change]
+        change = {"plain": ["--data-path", corpus["plain"]],
+                  "tokenizer": ["--tokenizer-model", other_tokenizer]}[change]
     cfg = parse_args([*flags, "--load", ckpt, *change]).resolve(world_size=1)
     with pytest.raises(ConfigError, match=f"--load {ckpt} \\(iteration 2\\) was trained with .*"
                                           + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -87,7 +84,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpu
     assert len(lines) == 1, result.stderr
     assert "is nan at iteration 2; stopped without saving: the last good checkpoint" in lines[0]
     assert f"{ckpt}/iter_0000001, is kept" in lines[0]
-    assert _tracker(ckpt) == 1 and sorted(os.listdir(ckpt)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+    assert latest_iteration(str(ckpt)) == 1 and sorted(os.listdir(ckpt)) == sorted(["iter_0000001", TRACKER])
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_and_resume_finishes(corpus, tmp_path):
@@ -108,8 +105,8 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_and_resume_finishes(c
     proc.kill()
     proc.wait()
     assert shard_in_progress is not None, "the run was never caught writing its second checkpoint"
-    assert _tracker(ckpt) == 1 and (ckpt / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    assert latest_iteration(str(ckpt)) == 1 and (ckpt / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt").is_file()
     assert not (ckpt / "iter_0000002").exists()
     resumed = run(args)
     assert f"resumed from {ckpt} at iteration 1" in resumed.stdout
-    assert _tracker(ckpt) == 6 and not list(ckpt.glob("*.tmp*"))
+    assert latest_iteration(str(ckpt)) == 6 and not list(ckpt.glob("*.tmp*"))

@@ -4,8 +4,8 @@ import tempfile
 
 import pytest
 
-from conftest import PYTHON, ROOT, TORCHRUN, run
-from megatron_patch.compat.cpu import SKIP_ENV, _SHIMS
+from helpers import PYTHON, ROOT, TORCHRUN, run
+from megatron_patch.compat.cpu import _SHIMS, SKIP_ENV
 
 # One optimizer step of a tiny 2-stage pipeline (tied embeddings, RoPE, dropout) through megatron-core's DDP,
 # Adam with clipping, and its 1F1B schedule, on two processes.
@@ -39,7 +39,8 @@ def _probe(skip=""):
     with tempfile.NamedTemporaryFile("w", suffix=".py") as script:
         script.write(PROBE)
         script.flush()
-        return run([*TORCHRUN, "--nproc-per-node", "2", script.name], check=False, env={SKIP_ENV: skip, "PYTHONPATH": ROOT}, timeout=300)
+        return run([*TORCHRUN, "--nproc-per-node", "2", script.name], check=False,
+                   env={SKIP_ENV: skip, "PYTHONPATH": ROOT}, timeout=300)
 
 
 def test_megatron_core_trains_on_cpu_with_the_shims():

@@ -4,7 +4,9 @@ import re
 
 import pytest
 
-from megatron_patch.config import ConfigError, parse_args
+from megatron_patch.config import ConfigError
+from megatron_patch.flags import parse_args
+from megatron_patch.tracker import TRACKER
 
 
 def _args(corpus, *flags, budget=("--train-iters", "10")):
@@ -28,7 +30,7 @@ def _args(corpus, *flags, budget=("--train-iters", "10")):
      "must divide the 2 layers of each stage"),
     (1, ["--lr-warmup-iters", "10"], "--lr-warmup-iters 10 must be smaller than --lr-decay-iters 10"),
     (1, ["--train-tokens", "1000"], "give exactly one of --train-iters and --train-tokens"),
-    (1, ["--pretrained-checkpoint", "/nonexistent"], "/nonexistent: no latest_checkpointed_iteration.txt"),
+    (1, ["--pretrained-checkpoint", "/nonexistent"], f"/nonexistent: no {TRACKER}"),
 ])
 def test_inconsistent_settings_are_rejected(corpus, world, flags, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -9,7 +9,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from conftest import PYTHON, run
+from helpers import PYTHON, run
 from megatron_patch.data.dataset import NotPatchAlignedError, build_datasets
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
 
@@ -26,7 +26,8 @@ def _patch_datasets(corpus, tmp_path, prefix, k, samples=200, train_data_range=(
 def test_k1_reproduces_gpt_dataset(megatron_process, corpus, tmp_path):
     ours, _, _ = _patch_datasets(corpus, tmp_path, "plain", 1)
     config = GPTDatasetConfig(random_seed=7, sequence_length=T, blend=([corpus["plain"]], None), split="90,10,0",
-                              path_to_cache=str(tmp_path / "cache"), tokenizer=SentencePieceTokenizer(corpus["tokenizer"]),
+                              path_to_cache=str(tmp_path / "cache"),
+                              tokenizer=SentencePieceTokenizer(corpus["tokenizer"]),
                               reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
                               create_attention_mask=False)
     theirs, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [200, 20, 0], lambda: True, config).build()

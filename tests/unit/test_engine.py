@@ -1,5 +1,6 @@
-"""The DeepSpeed config merge (megatron_patch/engine.py): our flags fill the JSON, conflicts and unsupported
-combinations are one-line ConfigErrors naming the key and the flag. No process group, no DeepSpeed import."""
+"""The DeepSpeed config merge (megatron_patch/deepspeed_config.py): our flags fill the JSON, conflicts and
+unsupported combinations are one-line ConfigErrors naming the key and the flag, all before any process group starts
+(plan.phases_to_run, what pretrain_patch_gpt.py runs first). No process group, no DeepSpeed import."""
 
 import glob
 import json
@@ -7,12 +8,16 @@ import os
 
 import pytest
 
-from conftest import ROOT, phase_flags
-from megatron_patch.config import ConfigError, parse_args
+from helpers import ROOT, phase_flags
+from megatron_patch.config import ConfigError
+from megatron_patch.engine import for_this_device
+from megatron_patch.flags import parse_args
+from megatron_patch.plan import phases_to_run
 
 
 def resolved(corpus, tmp_path, extra, world_size=2):
-    return parse_args(phase_flags(corpus, tmp_path, 4, extra)).resolve(world_size).deepspeed.resolved
+    (cfg,), _ = phases_to_run(parse_args(phase_flags(corpus, tmp_path, 4, extra)), world_size)
+    return cfg.deepspeed.resolved
 
 
 def config_file(tmp_path, content) -> str:
@@ -25,15 +30,20 @@ def test_flags_fill_auto_and_missing_values(corpus, tmp_path):
     ds = resolved(corpus, tmp_path, ["--deepspeed", "--deepspeed_config", f"{ROOT}/deepspeed_configs/zero3_fp32.json",
                                      "--clip-grad", "0.5", "--weight-decay", "0.01"])
     # conftest's runs: 8 samples per step, micro-batches of 2, DP=2 -> 2 accumulation steps.
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2, 2)
+    batch = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert batch == (8, 2, 2)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                           "weight_decay": 0.01, "torch_adam": True}}
+                                                           "weight_decay": 0.01}}
+    # On this CPU machine the engine runs torch's AdamW (no JIT-compiled CPU Adam); the resolved config is unchanged.
+    assert for_this_device(ds)["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in ds["optimizer"]["params"]
     assert ds["zero_optimization"]["stage"] == 3
 
 
 def test_zero_stage_flag_overrides_the_file(corpus, tmp_path):
-    ds = resolved(corpus, tmp_path, ["--deepspeed", "--deepspeed_config", config_file(tmp_path, {}), "--zero-stage", "2"])
+    ds = resolved(corpus, tmp_path, ["--deepspeed", "--deepspeed_config", config_file(tmp_path, {}),
+                                     "--zero-stage", "2"])
     assert ds["zero_optimization"] == {"stage": 2} and ds["train_batch_size"] == 8
 
 

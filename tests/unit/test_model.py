@@ -8,13 +8,11 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from megatron_patch.config import ModelConfig, ParallelConfig
 from megatron_patch.model import build_model, causal_attention_mask, transformer_config
+from megatron_patch.presets import preset_model
 
 VOCAB = 256
 
-LLAMA = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=176,
-                    max_position_embeddings=64, normalization="RMSNorm", swiglu=True,
-                    position_embedding_type="rope", add_bias_linear=False,
-                    untie_embeddings_and_output_weights=True, hidden_dropout=0.0, attention_dropout=0.0)
+LLAMA = preset_model("tiny", max_position_embeddings=64)
 GPT2 = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
                    hidden_dropout=0.0, attention_dropout=0.0)
 

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from conftest import PYTHON, TINY_MODEL_FLAGS, run
-from megatron_patch.config import ConfigError, parse_args
+from helpers import PYTHON, TINY, run
+from megatron_patch import runlog
+from megatron_patch.config import ConfigError
+from megatron_patch.flags import parse_args
 from megatron_patch.plan import make_plan, phase_config
 
 
@@ -85,14 +87,12 @@ def test_plan_cli_prints_the_plan():
 
 
 def _read(path):
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
-    return [r["loss"] for r in records if "loss" in r], next(r["summary"] for r in records if "summary" in r)
+    return [r["loss"] for r in runlog.steps(path).values()], runlog.last_summary(path)
 
 
 def test_one_command_runs_the_plan_like_one_command_per_phase(corpus, tmp_path):
     def plan_run(out, *phase, check=True):
-        return run([PYTHON, "pretrain_patch_gpt.py", *TINY_MODEL_FLAGS, "--patch-size", "4", "--patch-fraction",
+        return run([PYTHON, "pretrain_patch_gpt.py", *TINY, "--patch-size", "4", "--patch-fraction",
                     "0.6", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "16",
                     "--train-iters", "10", "--lr", "3e-3", "--lr-warmup-iters", "1", "--eval-iters", "1",
                     "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"],

@@ -1,6 +1,5 @@
 """The training entry point: a two-phase run on real text, the weights-only phase hand-off, and bad input."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,16 +8,15 @@ import time
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, free_port, run
-from conftest import phase_flags as short_run_flags
-from megatron_patch import checkpoint
-from megatron_patch.config import parse_args
+from helpers import PYTHON, ROOT, free_port, phase_flags, run
+from megatron_patch import checkpoint, runlog, tracker
+from megatron_patch.flags import parse_args
 from megatron_patch.train import Trainer
 
 
-def phase_flags(corpus, out, k, seq_length, global_batch, iters, extra=()):
-    """conftest's short-run flags with this file's sizes (later occurrences of a flag win)."""
-    return short_run_flags(corpus, out, k, [
+def sized_flags(corpus, out, k, seq_length, global_batch, iters, extra=()):
+    """helpers.phase_flags with this file's sizes (later occurrences of a flag win)."""
+    return phase_flags(corpus, out, k, [
         "--seq-length", str(seq_length), "--micro-batch-size", str(global_batch // 2),
         "--global-batch-size", str(global_batch), "--min-lr", "3e-4", "--lr-warmup-iters", "3",
         "--split", "95,5,0", "--eval-iters", "2", "--log-interval", "5", *extra,
@@ -26,9 +24,8 @@ def phase_flags(corpus, out, k, seq_length, global_batch, iters, extra=()):
 
 
 def read_log(path):
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
-    return [r for r in records if "loss" in r], next(r["summary"] for r in records if "summary" in r)
+    """(every step record as logged, repeats of a resumed run included; the last phase summary)"""
+    return [r for r in runlog.read_records(str(path)) if "loss" in r], runlog.last_summary(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +33,9 @@ def two_phase(corpus, tmp_path_factory):
     """Phase 1 (K=4, 128 tokens = 32 patches x 8 samples) then phase 2 (K=1, 32 tokens x 32 samples):
     the same 1024 tokens per step, phase 2 starting from phase 1's weights."""
     out = tmp_path_factory.mktemp("two_phase")
-    run([PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, out, 4, 128, 8, 40, [
+    run([PYTHON, "pretrain_patch_gpt.py", *sized_flags(corpus, out, 4, 128, 8, 40, [
         "--save", str(out / "phase1"), "--log-json", str(out / "phase1.jsonl")])])
-    phase2 = phase_flags(corpus, out, 1, 32, 32, 40, [
+    phase2 = sized_flags(corpus, out, 1, 32, 32, 40, [
         "--pretrained-checkpoint", str(out / "phase1"), "--save", str(out / "phase2"), "--load", str(out / "phase2"),
         "--log-json", str(out / "phase2.jsonl")])
     result = run([PYTHON, "pretrain_patch_gpt.py", *phase2])
@@ -78,7 +75,7 @@ def test_phase2_starts_from_phase1_weights_with_a_fresh_optimizer(megatron_proce
 
 def test_checkpoint_directory_has_megatron_layout_and_tracker(two_phase):
     root = two_phase["out"] / "phase1"
-    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "40"
+    assert tracker.latest_iteration(str(root)) == 40
     assert (root / "iter_0000040" / "mp_rank_00" / "model_optim_rng.pt").is_file()
     assert not list(root.glob("*.tmp*"))
 
@@ -90,7 +87,7 @@ def test_checkpoint_directory_has_megatron_layout_and_tracker(two_phase):
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
 ])
 def test_bad_input_is_one_clear_line_before_any_work(corpus, tmp_path, flags, message):
-    args = phase_flags(corpus, tmp_path, 4, 128, 8, 5, ["--save", str(tmp_path / "ckpt")]) + flags
+    args = sized_flags(corpus, tmp_path, 4, 128, 8, 5, ["--save", str(tmp_path / "ckpt")]) + flags
     result = run([PYTHON, "pretrain_patch_gpt.py", *args], check=False)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -99,7 +96,7 @@ def test_bad_input_is_one_clear_line_before_any_work(corpus, tmp_path, flags, me
 
 
 def test_split_without_documents_is_a_clear_error_not_a_hang(corpus, tmp_path):
-    args = phase_flags(corpus, tmp_path, 4, 128, 8, 5) + ["--split", "999,1,0"]
+    args = sized_flags(corpus, tmp_path, 4, 128, 8, 5) + ["--split", "999,1,0"]
     result = run([PYTHON, "pretrain_patch_gpt.py", *args], check=False, timeout=120)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -108,7 +105,7 @@ def test_split_without_documents_is_a_clear_error_not_a_hang(corpus, tmp_path):
 
 def test_bf16_training_runs_and_learns(corpus, tmp_path):
     log = tmp_path / "bf16.jsonl"
-    run([PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, 128, 8, 20, [
+    run([PYTHON, "pretrain_patch_gpt.py", *sized_flags(corpus, tmp_path, 4, 128, 8, 20, [
         "--bf16", "--log-json", str(log)])])
     steps, summary = read_log(log)
     assert len(steps) == 20 and summary["final_train_loss"] < summary["first_train_loss"] - 0.1, summary
@@ -116,7 +113,7 @@ def test_bf16_training_runs_and_learns(corpus, tmp_path):
 
 def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_finishes(corpus, tmp_path):
     ckpt, log = tmp_path / "ckpt", tmp_path / "run.jsonl"
-    args = [PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, 128, 8, 300, [
+    args = [PYTHON, "pretrain_patch_gpt.py", *sized_flags(corpus, tmp_path, 4, 128, 8, 300, [
         "--exit-signal-handler", "--save", str(ckpt), "--load", str(ckpt), "--log-json", str(log)])]
     env = dict(os.environ, MASTER_PORT=str(free_port()))
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,16 +126,16 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_finishes(corpus
     steps = read_log(log)[0]
     stopped = steps[-1]["iteration"]
     assert 5 <= stopped < 300 and f"stopping after iteration {stopped}: received SIGTERM" in stdout
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+    assert tracker.latest_iteration(str(ckpt)) == stopped
     resumed = run(args)
     assert f"resumed from {ckpt} at iteration {stopped}" in resumed.stdout
     iterations = [s["iteration"] for s in read_log(log)[0]]
     assert iterations == list(range(1, 301))  # every step exactly once, up to the planned count
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "300"
+    assert tracker.latest_iteration(str(ckpt)) == 300
 
 
 def test_exit_interval_stops_after_a_divisible_iteration(corpus, tmp_path):
-    result = run([PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, 128, 8, 20, [
+    result = run([PYTHON, "pretrain_patch_gpt.py", *sized_flags(corpus, tmp_path, 4, 128, 8, 20, [
         "--exit-interval", "7", "--save", str(tmp_path / "ckpt")])])
     assert "stopping after iteration 7: --exit-interval 7" in result.stdout
-    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "7"
+    assert tracker.latest_iteration(str(tmp_path / "ckpt")) == 7

@@ -1,0 +1,103 @@
+"""The shape of the code: imports point down the layers drawn in README.md (no cycles, no private names across
+modules), the configuration layer and the preprocessing path import no torch, ruff and shellcheck pass."""
+
+import ast
+import glob
+import os
+import re
+
+import pytest
+
+from helpers import PYTHON, ROOT, ensure_programs, run
+
+# Lowest first: a module imports only from its own layer or the ones before it (README.md, "Layout").
+LAYERS = [
+    ("config", ["config", "presets", "flags", "tracker", "runlog", "deepspeed_config", "plan"]),
+    ("data", ["data.*"]),
+    ("method and model", ["patching", "compat.cpu", "model"]),
+    ("parallel and step", ["parallel", "step"]),
+    ("checkpoint", ["checkpoint", "reshard"]),
+    ("trainers", ["train", "engine"]),
+    ("entry points", ["cli.*"]),
+]
+PACKAGE = os.path.join(ROOT, "megatron_patch")
+
+
+def _modules():
+    for path in sorted(glob.glob(f"{PACKAGE}/**/*.py", recursive=True)):
+        name = os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".")
+        if not name.endswith("__init__"):
+            yield name, path
+
+
+def _layer(module: str) -> int:
+    for index, (_, patterns) in enumerate(LAYERS):
+        if any(module == p or (p.endswith(".*") and module.startswith(p[:-1])) for p in patterns):
+            return index
+    raise AssertionError(f"megatron_patch.{module} is in no layer of LAYERS: add it")
+
+
+def _imports(path: str):
+    """(imported megatron_patch module, imported names) for every import in the file, function-level included."""
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megatron_patch"):
+            names = [a.name for a in node.names]
+            if node.module == "megatron_patch":  # `from megatron_patch import checkpoint, parallel`
+                yield from ((name, []) for name in names)
+            else:
+                yield node.module[len("megatron_patch."):], names
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("megatron_patch."):
+                    yield alias.name[len("megatron_patch."):], []
+
+
+def test_imports_point_down_the_layers_and_name_nothing_private():
+    problems = []
+    for module, path in _modules():
+        for imported, names in _imports(path):
+            if _layer(imported) > _layer(module):
+                problems.append(f"{module} ({LAYERS[_layer(module)][0]}) imports {imported} "
+                                f"({LAYERS[_layer(imported)][0]})")
+            problems += [f"{module} imports private {imported}.{n}" for n in names if n.startswith("_")]
+    assert not problems, "\n".join(problems)
+
+
+def test_no_import_cycles():
+    graph = {module: {imported for imported, _ in _imports(path)} for module, path in _modules()}
+    state = {}
+
+    def visit(module, stack):
+        if state.get(module) == "done":
+            return
+        if module in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(module):] + [module]))
+        for imported in graph.get(module, ()):
+            visit(imported, stack + [module])
+        state[module] = "done"
+
+    for module in graph:
+        visit(module, [])
+
+
+@pytest.mark.parametrize("modules", [
+    ["megatron_patch.flags", "megatron_patch.plan", "megatron_patch.cli.plan", "megatron_patch.runlog"],
+    ["megatron_patch.cli.preprocess", "megatron_patch.cli.merge", "megatron_patch.cli.train_tokenizer"],
+], ids=["plan", "preprocessing"])
+def test_login_node_paths_import_no_torch(modules):
+    """Plans (slurm/phase.sbatch --check) and preprocessing run where torch may be absent and must start fast."""
+    code = (f"import sys\nimport {', '.join(modules)}\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'deepspeed')))")
+    assert run([PYTHON, "-c", code]).stdout.strip() == "[]"
+
+
+def test_ruff():
+    run([os.path.join(os.path.dirname(PYTHON), "ruff"), "check", ROOT])
+
+
+def test_shell_scripts_pass_shellcheck():
+    ensure_programs(["shellcheck"], ["shellcheck"])
+    scripts = [path for pattern in ("**/*.sh", "**/*.sbatch", ".ci/run")
+               for path in glob.glob(os.path.join(ROOT, pattern), recursive=True) if "/.venv/" not in path]
+    assert len(scripts) >= 7 and any(re.search(r"examples/.*\.sh$", s) for s in scripts)
+    run(["shellcheck", "-x", *sorted(scripts)])

@@ -6,6 +6,7 @@ plans and checks run on login nodes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,16 @@ from megatron_patch import tracker
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake: reported as one line, before any work starts."""
+
+
+VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
+    """Rows of the embedding and output layer: the vocabulary padded so every tensor-parallel rank gets a
+    multiple of 128."""
+    multiple = VOCAB_DIVISIBLE_BY * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
 
 
 def iterations_for_tokens(tokens: int, tokens_per_step: int) -> int:
@@ -79,6 +90,20 @@ class OptimizerConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking, Megatron-LM's flags. Only global rank 0 writes; neither backend is needed to train."""
+
+    tensorboard_dir: Optional[str] = None  # TensorBoard event files
+    wandb_project: Optional[str] = None  # Weights & Biases (offline with WANDB_MODE=offline)
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    log_throughput: bool = False  # tokens/s, TFLOP/s per device and MFU in the log line too
+    log_memory_to_tensorboard: bool = False
+    log_validation_ppl_to_tensorboard: bool = False
+    peak_tflops: Optional[float] = None  # per device, for MFU (default: the device table, or a CPU matmul probe)
+
+
+@dataclass
 class PlanConfig:
     """A two-phase plan (megatron_patch/plan.py) instead of a single phase: with `patch_fraction` set, the
     TrainingConfig describes the token-level run (seq length, global batch, total tokens) that the plan splits."""
@@ -105,6 +130,7 @@ class TrainingConfig:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     patch_size: int = 1  # K: tokens per patch; 1 = ordinary token-level training
     seq_length: int = 1024  # tokens read per sample (K * T); the transformer runs on seq_length // K positions
     micro_batch_size: int = 1
@@ -248,6 +274,16 @@ class TrainingConfig:
             raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {tracker.TRACKER} there")
 
 
+def token_level_view(cfg: TrainingConfig) -> TrainingConfig:
+    """The run read at K=1 with the same positions per sample and tokens per step: how a patch-level (phase 1)
+    model is validated at token level, on the samples phase 2 would validate on."""
+    out = copy.deepcopy(cfg)
+    out.patch_size, out.seq_length = 1, cfg.num_patches
+    out.global_batch_size = cfg.global_batch_size * cfg.patch_size
+    out.micro_batch_size = cfg.micro_batch_size * cfg.patch_size
+    return out
+
+
 def parse_blend(data_path: List[str]):
     """Megatron's blend syntax, `prefix [prefix ...]` or `weight prefix [weight prefix ...]`: (prefixes, weights or
     None) in megatron-core's `blend` format."""
@@ -262,3 +298,18 @@ def parse_blend(data_path: List[str]):
 
 def to_dict(cfg: TrainingConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict, cls=TrainingConfig):
+    """The config `to_dict` gave (a checkpoint's run.json); keys this version does not know are ignored."""
+    out = cls()
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if dataclasses.is_dataclass(getattr(out, f.name)):
+            value = from_dict(value, type(getattr(out, f.name)))
+        elif isinstance(getattr(out, f.name), tuple):
+            value = tuple(value)
+        setattr(out, f.name, value)
+    return out

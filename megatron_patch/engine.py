@@ -192,7 +192,7 @@ class DeepSpeedTrainer(Trainer):
                                         client_state=self.training_state(), save_latest=False)
             export_weights(self, staging)
 
-        path = checkpoint.save_with(self.cfg.save, self.iteration, self.run_description, write)
+        path = checkpoint.save_with(self.cfg.save, self.iteration, self.run_record(), write)
         print_rank_0(f"saved DeepSpeed checkpoint and fp32 weights {path}")
 
     def resume(self, iteration: int) -> None:

@@ -114,9 +114,14 @@ def set_rng_states(states: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
 
 
+def is_rank_0() -> bool:
+    """Global rank 0 (or no process group at all): the one process that prints and writes shared files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def print_rank_0(message: str) -> None:
-    """Megatron-LM's name: a line from global rank 0 only (everyone when no process group is up)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """Megatron-LM's name: a line from global rank 0 only."""
+    if is_rank_0():
         print(message, flush=True)
 
 

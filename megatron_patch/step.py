@@ -10,16 +10,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_patch import parallel
 from megatron_patch.config import OptimizerConfig, TrainingConfig
-
-VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
-
-
-def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
-    multiple = VOCAB_DIVISIBLE_BY * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -40,20 +34,48 @@ def forward_step(data_iterator, model):
     return per_token_loss, partial(loss_func, batch["loss_mask"].to(device))
 
 
-def global_losses(entries: list, num_microbatches: int):
-    """(loss of the global batch, per-micro-batch losses in global sample order) from this rank's
-    [loss sum, token count] per micro-batch. Only the last pipeline stage has entries, and tensor-parallel ranks
-    hold identical ones, which leaves every ratio unchanged."""
-    # [micro-batch, data-parallel rank, (loss sum, tokens)]
+def _gathered_sums(entries: list, num_microbatches: int) -> torch.Tensor:
+    """[micro-batch, data-parallel rank, (loss sum, token count)] of every rank, from this rank's entries. Only the
+    last pipeline stage has entries, and tensor-parallel ranks hold identical ones, which leaves every ratio
+    unchanged."""
     sums = torch.zeros(num_microbatches, parallel_state.get_data_parallel_world_size(), 2,
                        dtype=torch.float64, device=parallel.device())
     for microbatch, entry in enumerate(entries):
         sums[microbatch, parallel_state.get_data_parallel_rank()] = entry.to(sums)
     dist.all_reduce(sums)
+    return sums
+
+
+def global_losses(entries: list, num_microbatches: int):
+    """(loss of the global batch, per-micro-batch losses in global sample order) from this rank's
+    [loss sum, token count] per micro-batch."""
+    sums = _gathered_sums(entries, num_microbatches)
     loss = (sums[..., 0].sum() / sums[..., 1].sum().clamp(min=1)).item()
     # Row-major order is the global sample order: round m of rank r holds micro-batch m * DP + r.
     per_microbatch = (sums[..., 0] / sums[..., 1].clamp(min=1)).flatten().tolist()
     return loss, per_microbatch
+
+
+def global_loss_totals(entries: list, num_microbatches: int):
+    """(summed loss in nats, token count) over every rank's micro-batches: what evaluation reports."""
+    sums = _gathered_sums(entries, num_microbatches)
+    return sums[..., 0].sum().item(), int(sums[..., 1].sum().item())
+
+
+def run_schedule(chunks: list, data_iterators: list, num_microbatches: int, num_positions: int,
+                 micro_batch_size: int, forward_only: bool) -> list:
+    """megatron-core's schedule for this layout (no pipelining, 1F1B or interleaved) over a rank's model chunks;
+    returns the last stage's [loss sum, token count] per micro-batch (empty on other stages)."""
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
+        model=chunks,
+        num_microbatches=num_microbatches,
+        seq_length=num_positions,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return [entry["lm loss"] for entry in losses]
 
 
 def megatron_optimizer_config(cfg: TrainingConfig, params_dtype) -> MegatronOptimizerConfig:

@@ -24,17 +24,18 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_patch import checkpoint, parallel, reshard, tracker
-from megatron_patch.config import TrainingConfig, parse_blend, to_dict
+from megatron_patch.config import TrainingConfig, padded_vocab_size, parse_blend, to_dict, token_level_view
 from megatron_patch.data.dataset import alignment_pad_id, build_datasets, dataset_sizes, micro_batches
 from megatron_patch.data.tokenizer import SentencePieceTokenizer
+from megatron_patch.flops import training_flops_per_sample
 from megatron_patch.model import PatchGPTModel, build_model, transformer_config
 from megatron_patch.parallel import print_rank_0
 from megatron_patch.runlog import JsonLinesLog
-from megatron_patch.step import forward_step, global_losses, lr_scheduler, megatron_optimizer_config, padded_vocab_size
+from megatron_patch.step import global_losses, lr_scheduler, megatron_optimizer_config, run_schedule
+from megatron_patch.tracking import Trackers, peak_memory_bytes, peak_tflops
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,6 +58,10 @@ class Trainer:
                         vp_stage=vp_stage if vpp else None).to(parallel.device())
             for vp_stage in range(vpp or 1)
         ]
+        # The compute axis (flops.py): tokens and model FLOPs since the start of the run, earlier phases included.
+        self.flops_per_step = cfg.global_batch_size * training_flops_per_sample(
+            cfg.model, cfg.seq_length, cfg.patch_size, padded_vocab_size(self.tokenizer.vocab_size, 1))
+        self.compute = {"tokens": 0, "flops": 0}
         if tracker.latest_iteration(cfg.load) is None and cfg.pretrained_checkpoint:
             # Before wrapping: gradient buffers, fp32 master copies and ZeRO partitions all start from these weights.
             self.load_pretrained_weights(models)
@@ -97,7 +102,7 @@ class Trainer:
         return grad_norm
 
     def save(self) -> None:
-        path = checkpoint.save(self.cfg.save, self.iteration, self.state_dict(), self.run_description)
+        path = checkpoint.save(self.cfg.save, self.iteration, self.state_dict(), self.run_record())
         print_rank_0(f"saved checkpoint {path}")
 
     def resume(self, iteration: int) -> None:
@@ -125,6 +130,8 @@ class Trainer:
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed_samples += self.cfg.global_batch_size
+        self.compute["tokens"] += self.cfg.tokens_per_step
+        self.compute["flops"] += self.flops_per_step
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "microbatch_losses": microbatch_losses}
 
     def _stop_if_diverged(self, what: str, value: Optional[float]) -> None:
@@ -137,16 +144,9 @@ class Trainer:
 
     def run_batches(self, data_iterators, num_microbatches: int, forward_only: bool):
         """megatron-core's schedule over this rank's chunks: (loss, per-micro-batch losses) of the batches."""
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
-            model=self.chunks,
-            num_microbatches=num_microbatches,
-            seq_length=self.cfg.num_patches,
-            micro_batch_size=self.cfg.micro_batch_size,
-            forward_only=forward_only,
-        )
-        return global_losses([entry["lm loss"] for entry in losses], num_microbatches)
+        entries = run_schedule(self.chunks, data_iterators, num_microbatches, self.cfg.num_patches,
+                               self.cfg.micro_batch_size, forward_only)
+        return global_losses(entries, num_microbatches)
 
     @property
     def num_microbatches(self) -> int:
@@ -154,14 +154,21 @@ class Trainer:
         return self.cfg.global_batch_size // (self.cfg.micro_batch_size * dp)
 
     @torch.no_grad()
-    def evaluate(self, dataset) -> float:
-        for chunk in self.chunks:
-            chunk.eval()
-        loss, _ = self.run_batches(self.data_iterators(dataset, 0), self.num_microbatches * self.cfg.eval_iters,
-                                   forward_only=True)
-        for chunk in self.chunks:
-            chunk.train()
-        return loss
+    def evaluate(self, dataset, view: Optional[TrainingConfig] = None) -> float:
+        """Loss on the first --eval-iters global batches of `dataset`, read as `view` says (default: this phase;
+        config.token_level_view: the same weights at K=1)."""
+        view = view or self.cfg
+        for model in self.models:
+            model.patch_size = view.patch_size
+            model.eval()
+        dp = parallel_state.get_data_parallel_world_size()
+        num_microbatches = view.global_batch_size // (view.micro_batch_size * dp) * view.eval_iters
+        entries = run_schedule(self.chunks, self.data_iterators(dataset, 0, view.micro_batch_size), num_microbatches,
+                               view.num_patches, view.micro_batch_size, forward_only=True)
+        for model in self.models:
+            model.patch_size = self.cfg.patch_size
+            model.train()
+        return global_losses(entries, num_microbatches)[0]
 
     # -- weights and checkpoints -----------------------------------------------------------------------------------
     def load(self) -> None:
@@ -180,6 +187,7 @@ class Trainer:
         full = reshard.full_state_dict(tracker.iteration_dir(root, iteration), sharding)
         for model in models:
             reshard.load_into(model, full)
+        self.compute = dict((tracker.read_run(root, iteration) or {}).get("compute", self.compute))
         print_rank_0(f"initialised weights from {root} (iteration {iteration}); fresh optimizer and LR schedule")
 
     def _check_compatible(self, root: str, iteration: int, resume: bool) -> None:
@@ -196,12 +204,21 @@ class Trainer:
             "consumed_samples": self.consumed_samples,
             "config": to_dict(self.cfg),
             "rng_state": parallel.rng_states(),
+            "compute": dict(self.compute),
         }
 
     def restore_training_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
         self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
         parallel.set_rng_states(state["rng_state"])
+        # Checkpoints from before the compute axis: this phase's own steps.
+        self.compute = dict(state.get("compute") or {"tokens": self.iteration * self.cfg.tokens_per_step,
+                                                     "flops": self.iteration * self.flops_per_step})
+
+    def run_record(self) -> dict:
+        """run.json of a checkpoint: what the run trained on (resume guards) and the compute spent up to it (the
+        next phase's compute axis starts there)."""
+        return {**self.run_description, "compute": dict(self.compute)}
 
     def state_dict(self) -> dict:
         return {
@@ -213,25 +230,33 @@ class Trainer:
     # -- data ------------------------------------------------------------------------------------------------------
     def build_datasets(self):
         """(train, validation) PatchGPTDatasets; validation is None when --split gives it nothing."""
-        cfg = self.cfg
-        prefixes, weights = parse_blend(cfg.data.data_path)
-        pad_id = alignment_pad_id(prefixes, self.tokenizer)
-        train, valid, _ = build_datasets(
-            prefixes, weights, cfg.data.split, self.tokenizer, cfg.patch_size, cfg.num_patches,
-            _num_samples(cfg), cfg.seed, pad_id, cfg.data.data_cache_path, lambda: True, cfg.data.train_data_range,
-        )
+        train, valid, _ = datasets_for(self.cfg, self.tokenizer)
         return train, valid
 
-    def data_iterators(self, dataset, consumed_samples: int) -> list:
+    def data_iterators(self, dataset, consumed_samples: int, micro_batch_size: Optional[int] = None) -> list:
         """One iterator per model chunk over the same samples: each chunk of an interleaved pipeline reads
         every micro-batch (the first stage for tokens, the last for labels)."""
         cfg = self.cfg
-        return [micro_batches(dataset, consumed_samples, cfg.micro_batch_size, parallel_state.get_data_parallel_rank(),
-                              parallel_state.get_data_parallel_world_size(), cfg.data.num_workers, cfg.seed)
+        return [micro_batches(dataset, consumed_samples, micro_batch_size or cfg.micro_batch_size,
+                              parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+                              cfg.data.num_workers, cfg.seed)
                 for _ in self.chunks]
 
 
-def _num_samples(cfg: TrainingConfig):
+def datasets_for(cfg: TrainingConfig, tokenizer, samples: Optional[list] = None):
+    """The (train, valid, test) PatchGPTDatasets a run of `cfg` reads (None where a split is empty); `samples`:
+    other sample counts than the run's."""
+    prefixes, weights = parse_blend(cfg.data.data_path)
+    train, valid, test = build_datasets(
+        prefixes, weights, cfg.data.split, tokenizer, cfg.patch_size, cfg.num_patches, samples or num_samples(cfg),
+        cfg.seed, alignment_pad_id(prefixes, tokenizer), cfg.data.data_cache_path, lambda: True,
+        cfg.data.train_data_range,
+    )
+    return train, valid, test
+
+
+def num_samples(cfg: TrainingConfig) -> list:
+    """Samples of the train, validation and test datasets a run builds (the validation samples depend on it)."""
     evals = cfg.train_iters // cfg.eval_interval + 1
     return [
         cfg.train_iters * cfg.global_batch_size,
@@ -270,30 +295,67 @@ class EarlyExit:
 
 
 class PhaseLog:
-    """What a phase reports: a log line every --log-interval steps, a --log-json record per step (rank 0), and
-    the summary at the end."""
+    """What a phase reports: a log line every --log-interval steps, a --log-json record per step and per validation
+    (rank 0), TensorBoard/W&B scalars, and the summary at the end. Every record carries the run's compute axis."""
 
-    def __init__(self, cfg: TrainingConfig, start_iteration: int, json_log: Optional[JsonLinesLog]):
-        self.cfg, self.start_iteration, self.json_log = cfg, start_iteration, json_log
+    def __init__(self, trainer: "Trainer", json_log: Optional[JsonLinesLog], trackers: Trackers):
+        self.trainer, self.cfg, self.json_log, self.trackers = trainer, trainer.cfg, json_log, trackers
+        self.start_iteration = trainer.iteration
         self.window, self.losses, self.step_times = [], [], []
+        self.valid_losses = {}
+        self.peak, self.peak_source = peak_tflops(self.cfg.tracking.peak_tflops)
+        print_rank_0(f"MFU against a peak of {self.peak:.2f} TFLOP/s per device ({self.peak_source})")
 
-    def step(self, stats: dict, seconds: float, consumed_samples: int) -> None:
-        cfg = self.cfg
+    def _axis(self) -> dict:
+        return {"patch_size": self.cfg.patch_size, "cumulative_tokens": self.trainer.compute["tokens"],
+                "cumulative_flops": self.trainer.compute["flops"]}
+
+    def step(self, stats: dict, seconds: float) -> None:
+        cfg, tracking = self.cfg, self.cfg.tracking
         self.step_times.append(seconds)
         self.window.append(stats["loss"])
         self.losses.append(stats["loss"])
-        stats.update(tokens_per_sec=cfg.tokens_per_step / seconds, consumed_tokens=consumed_samples * cfg.seq_length)
+        tflops = self.trainer.flops_per_step / seconds / dist.get_world_size() / 1e12
+        stats.update(tokens_per_sec=cfg.tokens_per_step / seconds,
+                     consumed_tokens=self.trainer.consumed_samples * cfg.seq_length,
+                     tflops_per_device=tflops, mfu=tflops / self.peak, peak_memory_bytes=peak_memory_bytes(),
+                     **self._axis())
         iteration = stats["iteration"]
         if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
+            throughput = (f" | TFLOP/s/device {tflops:.3f} | MFU {100 * stats['mfu']:.1f}%"
+                          if tracking.log_throughput else "")
             print_rank_0(f"iteration {iteration:6d}/{cfg.train_iters} | loss {sum(self.window) / len(self.window):.4f}"
                          f" | lr {stats['lr']:.3e} | grad norm {stats['grad_norm']:.3f}"
-                         f" | tokens/s {stats['tokens_per_sec']:.0f} | {1000 * seconds:.0f} ms/iter")
+                         f" | tokens/s {stats['tokens_per_sec']:.0f} | {1000 * seconds:.0f} ms/iter{throughput}")
             self.window = []
         if self.json_log:
             self.json_log.write(stats)
+        scalars = {"train/loss": stats["loss"], "train/lr": stats["lr"], "train/patch_size": cfg.patch_size,
+                   "throughput/tokens_per_sec": stats["tokens_per_sec"], "throughput/tflops_per_device": tflops,
+                   "throughput/mfu": stats["mfu"], "compute/cumulative_flops": stats["cumulative_flops"],
+                   "train/iteration": iteration}
+        if stats["grad_norm"] is not None:
+            scalars["train/grad_norm"] = stats["grad_norm"]
+        if tracking.log_memory_to_tensorboard:
+            scalars["memory/peak_bytes"] = stats["peak_memory_bytes"]
+        self.trackers.log(scalars, stats["cumulative_tokens"])
 
-    def summary(self, iteration: int, valid_loss: Optional[float]) -> dict:
-        cfg = self.cfg
+    def validation(self, losses: dict) -> None:
+        """losses: "valid_loss" (this phase's objective) and "token_level_valid_loss" (K=1)."""
+        self.valid_losses = losses
+        print_rank_0(f"iteration {self.trainer.iteration:6d} | " + " | ".join(
+            f"{name.replace('_', ' ')} {value:.4f} (ppl {math.exp(min(value, 50)):.2f})"
+            for name, value in losses.items()))
+        if self.json_log:
+            self.json_log.write({"eval": dict(losses, iteration=self.trainer.iteration, **self._axis())})
+        scalars = {f"valid/{name}": value for name, value in losses.items()}
+        if self.cfg.tracking.log_validation_ppl_to_tensorboard:
+            scalars.update({f"valid/{name.replace('loss', 'ppl')}": math.exp(min(value, 50))
+                            for name, value in losses.items()})
+        self.trackers.log(scalars, self.trainer.compute["tokens"])
+
+    def summary(self) -> dict:
+        cfg, iteration = self.cfg, self.trainer.iteration
         # The first step pays for warm-up (allocation, caches): leave it out of the throughput when possible.
         timed = self.step_times[1:] or self.step_times
         quarter = max(1, len(self.losses) // 4)  # mean over a few steps at each end: single-step losses are noisy
@@ -305,10 +367,12 @@ class PhaseLog:
             "seconds": sum(self.step_times),
             "first_train_loss": _mean(self.losses[:quarter]),
             "final_train_loss": _mean(self.losses[-quarter:]),
-            "valid_loss": valid_loss,
+            "valid_loss": self.valid_losses.get("valid_loss"),
+            "token_level_valid_loss": self.valid_losses.get("token_level_valid_loss"),
             # Where the phase stands (a run stopped early by a signal resumes from here with --load).
             "iteration": iteration,
             "train_iters": cfg.train_iters,
+            **self._axis(),
         }
         print_rank_0("phase summary: " + json.dumps(summary))
         if self.json_log:
@@ -326,31 +390,50 @@ def pretrain(cfg: TrainingConfig, trainer_class=Trainer) -> dict:
     trainer = trainer_class(cfg)
     trainer.load()
     train_ds, valid_ds = trainer.build_datasets()
+    # A patch-level phase is also validated at token level: its weights at K=1 on the samples phase 2 reads.
+    token_view = token_level_view(cfg) if cfg.patch_size > 1 and valid_ds is not None else None
+    validation = [("valid_loss", valid_ds, None)]
+    if token_view:
+        validation.append(("token_level_valid_loss", datasets_for(token_view, trainer.tokenizer)[1], token_view))
+    elif valid_ds is not None:
+        validation.append(("token_level_valid_loss", valid_ds, None))
     print_rank_0(f"phase: patch size K={cfg.patch_size}, {cfg.seq_length} tokens = {cfg.num_patches} positions per "
                  f"sample, {cfg.global_batch_size} samples = {cfg.tokens_per_step} tokens per step, "
                  f"{cfg.train_iters} iterations, world size {dist.get_world_size()}")
-    writes_log = cfg.log_json and dist.get_rank() == 0
-    with JsonLinesLog(cfg.log_json) if writes_log else contextlib.nullcontext() as json_log:
-        phase_log = PhaseLog(cfg, trainer.iteration, json_log)
-        valid_loss = _train(trainer, train_ds, valid_ds, phase_log)
-        return phase_log.summary(trainer.iteration, valid_loss)
+    writes_log = cfg.log_json and parallel.is_rank_0()
+    with JsonLinesLog(cfg.log_json) if writes_log else contextlib.nullcontext() as json_log, \
+            Trackers(cfg.tracking, to_dict(cfg), f"K={cfg.patch_size}") as trackers:
+        phase_log = PhaseLog(trainer, json_log, trackers)
+        _train(trainer, train_ds, validation if valid_ds is not None else [], phase_log)
+        return phase_log.summary()
 
 
-def _train(trainer: Trainer, train_ds, valid_ds, phase_log: PhaseLog) -> Optional[float]:
+def _validate(trainer: Trainer, validation: list, phase_log: PhaseLog) -> None:
+    """Each (name, dataset, view) of the phase's validation; a token-level phase's two names share one pass."""
+    losses = {}
+    for name, dataset, view in validation:
+        if view is None and losses:
+            losses[name] = next(iter(losses.values()))
+        else:
+            losses[name] = trainer.evaluate(dataset, view)
+    phase_log.validation(losses)
+
+
+def _train(trainer: Trainer, train_ds, validation: list, phase_log: PhaseLog) -> None:
     """Steps until the phase's last iteration or an early exit, validating and saving on schedule; then the final
-    checkpoint. Returns the last validation loss."""
+    checkpoint and, unless just done, a last validation."""
     cfg = trainer.cfg
     data = trainer.data_iterators(train_ds, trainer.consumed_samples)
     early_exit = EarlyExit(cfg)
-    valid_loss = None
+    validated_at = None
     while trainer.iteration < cfg.train_iters:
         started = time.perf_counter()
         stats = trainer.train_step(data)
         stats["iteration"] = trainer.iteration
-        phase_log.step(stats, time.perf_counter() - started, trainer.consumed_samples)
-        if valid_ds is not None and trainer.iteration % cfg.eval_interval == 0:
-            valid_loss = trainer.evaluate(valid_ds)
-            print_rank_0(f"iteration {trainer.iteration:6d} | validation loss {valid_loss:.4f}")
+        phase_log.step(stats, time.perf_counter() - started)
+        if validation and trainer.iteration % cfg.eval_interval == 0:
+            _validate(trainer, validation, phase_log)
+            validated_at = trainer.iteration
         if cfg.save and cfg.save_interval and trainer.iteration % cfg.save_interval == 0:
             trainer.save()
         reason = early_exit.reason(trainer.iteration)
@@ -359,6 +442,5 @@ def _train(trainer: Trainer, train_ds, valid_ds, phase_log: PhaseLog) -> Optiona
             break
     if cfg.save and tracker.latest_iteration(cfg.save) != trainer.iteration:
         trainer.save()
-    if valid_ds is not None and valid_loss is None:
-        valid_loss = trainer.evaluate(valid_ds)
-    return valid_loss
+    if validation and validated_at != trainer.iteration:
+        _validate(trainer, validation, phase_log)

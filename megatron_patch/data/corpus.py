@@ -254,6 +254,49 @@ class Encoded:
     error: Optional[str] = None
 
 
+def parse_line(raw: bytes, plain_text: bool, json_keys: List[str]) -> Optional[Dict[str, List[str]]]:
+    """{key: list of sequences} of one input line; None for a blank JSON line (not a document). Raises BadLine."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadLine(f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    if plain_text:
+        return {json_keys[0]: [text.removesuffix("\n").removesuffix("\r")]}
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadLine(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise BadLine(f"not a JSON object but {type(obj).__name__}")
+    doc = {}
+    for key in json_keys:
+        if key not in obj:
+            raise BadLine(f"no key '{key}'")
+        value = obj[key]
+        if isinstance(value, str):
+            doc[key] = [value]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            doc[key] = value
+        else:
+            raise BadLine(f"'{key}' is {type(value).__name__}, expected a string or a list of strings")
+    return doc
+
+
+def read_documents(paths: List[str], json_key: str) -> Iterator[Tuple[str, int, str]]:
+    """(path, line, text) of every document of the inputs (a JSON key's sequences joined); a line that cannot be
+    used raises BadInput naming FILE:LINE."""
+    for path in paths:
+        for number, raw in enumerate(read_lines(Piece(path)), 1):
+            try:
+                doc = parse_line(raw, is_plain_text(path), [json_key])
+            except BadLine as e:
+                raise BadInput(f"{path}:{number}: {e}") from None
+            if doc is not None:
+                yield path, number, "".join(doc[json_key])
+
+
 class Encoder:
     """Tokenizes batches (in worker processes or in this one): every document, EOD appended, padded to a multiple
     of the patch size. Matches Megatron-LM's Encoder.encode: sequences without tokens are dropped, a document
@@ -286,7 +329,7 @@ class Encoder:
         docs, lines, skipped = [], [], []
         for line_number, raw in enumerate(batch.lines, batch.first_line):
             try:
-                doc = self._parse(raw, is_plain_text(batch.path))
+                doc = parse_line(raw, is_plain_text(batch.path), self.json_keys)
             except BadLine as e:
                 skipped.append((line_number, str(e)))
                 continue
@@ -303,35 +346,6 @@ class Encoder:
             arrays[key] = self._arrays([ids[key][i] for i in keep])
             empty[key] = [lines[i] for i, n in zip(keep, arrays[key][2]) if n == 0]
         return Encoded(batch.path, arrays, sorted(skipped), empty, len(keep), batch.num_bytes, batch.error)
-
-    def _parse(self, raw: bytes, plain_text: bool) -> Optional[Dict[str, List[str]]]:
-        """{key: list of sequences} of one line; None for a blank JSON line (not a document)."""
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadLine(f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
-        if plain_text:
-            return {self.json_keys[0]: [text.removesuffix("\n").removesuffix("\r")]}
-        if not text.strip():
-            return None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadLine(f"malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise BadLine(f"not a JSON object but {type(obj).__name__}")
-        doc = {}
-        for key in self.json_keys:
-            if key not in obj:
-                raise BadLine(f"no key '{key}'")
-            value = obj[key]
-            if isinstance(value, str):
-                doc[key] = [value]
-            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-                doc[key] = value
-            else:
-                raise BadLine(f"'{key}' is {type(value).__name__}, expected a string or a list of strings")
-        return doc
 
     def _tokenize(self, docs: List[List[str]]) -> list:
         """Per document, its sequences' ids; a string instead for a document the tokenizer rejects."""

@@ -57,5 +57,17 @@ class SentencePieceTokenizer:
     def tokenize_batch(self, texts: Sequence[str], num_threads: int = 1) -> List[List[int]]:
         return self._sp.encode(list(texts), num_threads=num_threads)
 
+    def piece_byte_lengths(self) -> List[int]:
+        """UTF-8 bytes each id stands for in text: a piece's characters with its "▁" as a space, one byte for a
+        byte-fallback piece, none for control ids (EOD, pad). What bits per byte of tokenized data count."""
+        sp = self._sp
+
+        def length(i: int) -> int:
+            if sp.is_control(i):
+                return 0
+            return 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+
+        return [length(i) for i in range(self.vocab_size)]
+
     def detokenize(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])

@@ -17,20 +17,24 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_patch.config import ModelConfig
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")  # padded to a multiple of 128 * TP
+VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")  # padded to a multiple of 128 * TP
 
 
-def _renumber(name: str, offset: int) -> str:
+def renumber(name: str, offset: int) -> str:
+    """The name with its layer index (if any) moved by `offset`: local <-> global layer numbering."""
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
 
 
-def _layout_key(name: str) -> str:
+def layout_key(name: str) -> str:
     """The name with its layer index removed: every layer has the same sharding."""
     return _LAYER.sub("decoder.layers.N.", name)
 
 
-def _source_layer_offset(num_layers: int, pp: int, vpp: int | None, pp_rank: int, chunk: int) -> int:
+def source_layer_offset(num_layers: int, pp: int, vpp: int | None, pp_rank: int, chunk: int) -> int:
+    """Global index of the first layer of model chunk `chunk` on pipeline rank `pp_rank` (megatron-core's split)."""
     if vpp is None:
         return pp_rank * num_layers // pp
     per_virtual_stage = num_layers // (pp * vpp)
@@ -40,23 +44,52 @@ def _source_layer_offset(num_layers: int, pp: int, vpp: int | None, pp_rank: int
 def sharding_of(model) -> dict:
     """layout key -> (partition_dim, stride) for the tensor-parallel parameters of a model chunk."""
     return {
-        _layout_key(name): (p.partition_dim, getattr(p, "partition_stride", 1))
+        layout_key(name): (p.partition_dim, getattr(p, "partition_stride", 1))
         for name, p in model.named_parameters()
         if getattr(p, "tensor_model_parallel", False)
     }
 
 
-def _merge(shards, dim: int, stride: int) -> torch.Tensor:
+def sharding_for(model: ModelConfig) -> dict:
+    """What `sharding_of` gives for a model of this config, without building one (tools that convert checkpoints
+    run without megatron-core's process groups): megatron-core's column-parallel weights and biases split along dim
+    0 (SwiGLU's fused [gate; up] with stride 2), row-parallel weights along dim 1 (their biases are replicated), the
+    vocabulary rows of the embedding and output layer along dim 0. Checked against `sharding_of` by the tests."""
+    fc1 = (0, 2 if model.swiglu else 1)
+    sharding = {
+        "embedding.word_embeddings.weight": (0, 1),
+        "decoder.layers.N.self_attention.linear_qkv.weight": (0, 1),
+        "decoder.layers.N.self_attention.linear_proj.weight": (1, 1),
+        "decoder.layers.N.mlp.linear_fc1.weight": fc1,
+        "decoder.layers.N.mlp.linear_fc2.weight": (1, 1),
+        # Untied; or tied under pipeline parallelism, where the last stage holds its own copy.
+        "output_layer.weight": (0, 1),
+    }
+    if model.add_bias_linear:
+        sharding["decoder.layers.N.self_attention.linear_qkv.bias"] = (0, 1)
+        sharding["decoder.layers.N.mlp.linear_fc1.bias"] = fc1
+    return sharding
+
+
+def shard_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    """Megatron-LM's directory of one model-parallel rank's shard: `mp_rank_TT`, or `mp_rank_TT_PPP` with pipeline
+    parallelism."""
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def merge_shards(shards, dim: int, stride: int) -> torch.Tensor:
+    """The full tensor from the tensor-parallel shards of ranks 0..TP-1 (inverse of `split_shard`)."""
     tp = len(shards)
     pieces = [shard.chunk(stride, dim) for shard in shards]
     return torch.cat([pieces[i % tp][i // tp] for i in range(stride * tp)], dim)
 
 
-def _split(full: torch.Tensor, dim: int, stride: int, rank: int, tp: int) -> torch.Tensor:
+def split_shard(full: torch.Tensor, dim: int, stride: int, rank: int, tp: int) -> torch.Tensor:
+    """Rank `rank`'s slice of a full tensor, as megatron-core shards it (a view when stride is 1: clone to save)."""
     return torch.cat(full.chunk(stride * tp, dim)[rank::tp], dim)
 
 
-def _fit_vocab_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+def fit_vocab_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """Vocabulary padding depends on TP size; the padded rows are never a target, so cut or zero-extend them."""
     if tensor.size(0) >= rows:
         return tensor[:rows]
@@ -78,16 +111,16 @@ def full_state_dict(checkpoint_dir: str, sharding: dict) -> dict:
         parallel, num_layers = state["config"]["parallel"], state["config"]["model"]["num_layers"]
         chunk_keys = sorted(k for k in state if re.fullmatch(r"model\d*", k))
         for chunk, key in enumerate(chunk_keys):
-            offset = _source_layer_offset(num_layers, parallel["pipeline_model_parallel_size"],
-                                          parallel["virtual_pipeline_model_parallel_size"], pp_rank, chunk)
+            offset = source_layer_offset(num_layers, parallel["pipeline_model_parallel_size"],
+                                         parallel["virtual_pipeline_model_parallel_size"], pp_rank, chunk)
             for name, tensor in state[key].items():
                 if isinstance(tensor, torch.Tensor):
-                    by_tp.setdefault(_renumber(name, offset), {})[tp_rank] = tensor
+                    by_tp.setdefault(renumber(name, offset), {})[tp_rank] = tensor
     full = {}
     for name, shards in by_tp.items():
         ordered = [shards[r] for r in sorted(shards)]
-        if _layout_key(name) in sharding and len(ordered) > 1:
-            full[name] = _merge(ordered, *sharding[_layout_key(name)])
+        if layout_key(name) in sharding and len(ordered) > 1:
+            full[name] = merge_shards(ordered, *sharding[layout_key(name)])
         else:
             full[name] = ordered[0]
     return full
@@ -102,7 +135,7 @@ def load_into(model, full: dict) -> None:
     for name, current in local.items():
         if not isinstance(current, torch.Tensor):
             continue
-        global_name = _renumber(name, offset)
+        global_name = renumber(name, offset)
         tied = model.share_embeddings_and_output_weights
         if tied and global_name == "output_layer.weight" and global_name not in full:
             # Tied embeddings: only a pipeline layout keeps the last stage's copy; one stage has just the embedding.
@@ -110,10 +143,10 @@ def load_into(model, full: dict) -> None:
         if global_name not in full:
             raise KeyError(f"checkpoint has no weight {global_name} (needed as {name} on this rank)")
         tensor = full[global_name]
-        if name in _VOCAB_ROWS:
-            tensor = _fit_vocab_rows(tensor, current.size(0) * (tp if name in sharding else 1))
-        if _layout_key(name) in sharding:
-            tensor = _split(tensor, *sharding[_layout_key(name)], rank, tp)
+        if name in VOCAB_ROWS:
+            tensor = fit_vocab_rows(tensor, current.size(0) * (tp if name in sharding else 1))
+        if layout_key(name) in sharding:
+            tensor = split_shard(tensor, *sharding[layout_key(name)], rank, tp)
         if tensor.shape != current.shape:
             raise ValueError(f"{global_name}: checkpoint shape {tuple(tensor.shape)} does not fit "
                              f"{tuple(current.shape)}")

@@ -21,9 +21,10 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" -c constraints-cpu.txt torch
 DS_BUILD_OPS=0 "${pip[@]}" -c constraints-cpu.txt -r requirements.txt -r requirements-dev.txt
 "${pip[@]}" --no-deps -r requirements-dev-nodeps.txt
-# Quiet setuptools chatter about editable wheels; on failure, rerun loudly.
-"${pip[@]}" --no-deps -e . 2>/dev/null || "${pip[@]}" --no-deps -e .
+# Quiet setuptools chatter about editable wheels; on failure, rerun loudly. Extras: eval (HF interop, lm-eval),
+# track (TensorBoard, W&B, matplotlib).
+"${pip[@]}" -c constraints-cpu.txt -e ".[eval,track]" 2>/dev/null || "${pip[@]}" -c constraints-cpu.txt -e ".[eval,track]"
 .venv/bin/python - <<'PY'
 from importlib.metadata import version
-print("setup: ready:", ", ".join(f"{p} {version(p)}" for p in ("torch", "megatron-core", "deepspeed", "sentencepiece", "mpi4py")))
+print("setup: ready:", ", ".join(f"{p} {version(p)}" for p in ("torch", "megatron-core", "deepspeed", "sentencepiece", "mpi4py", "transformers", "lm_eval")))
 PY

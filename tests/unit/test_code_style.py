@@ -12,12 +12,12 @@ from helpers import PYTHON, ROOT, ensure_programs, run
 
 # Lowest first: a module imports only from its own layer or the ones before it (README.md, "Layout").
 LAYERS = [
-    ("config", ["config", "presets", "flags", "tracker", "runlog", "deepspeed_config", "plan"]),
-    ("data", ["data.*"]),
-    ("method and model", ["patching", "compat.cpu", "model"]),
+    ("config", ["config", "presets", "flags", "tracker", "runlog", "runs", "flops", "deepspeed_config", "plan"]),
+    ("data", ["data.*", "hf_tokenizer"]),
+    ("method and model", ["patching", "compat.cpu", "attention", "model"]),
     ("parallel and step", ["parallel", "step"]),
-    ("checkpoint", ["checkpoint", "reshard"]),
-    ("trainers", ["train", "engine"]),
+    ("checkpoint", ["checkpoint", "reshard", "hf_export"]),
+    ("trainers", ["tracking", "train", "engine", "evaluation"]),
     ("entry points", ["cli.*"]),
 ]
 PACKAGE = os.path.join(ROOT, "megatron_patch")

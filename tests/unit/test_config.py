@@ -5,7 +5,7 @@ import re
 import pytest
 
 from megatron_patch.config import ConfigError
-from megatron_patch.flags import parse_args
+from megatron_patch.flags import FLAGS, GROUPS, parse_args
 from megatron_patch.tracker import TRACKER
 
 
@@ -45,3 +45,23 @@ def test_derived_values(corpus):
     assert cfg.parallel.virtual_pipeline_model_parallel_size == 2
     cfg = parse_args(_args(corpus, "--global-batch-size", "8", budget=("--train-tokens", "5000"))).resolve(1)
     assert cfg.train_iters == 5  # ceil(5000 tokens / (8 samples x 128 tokens))
+
+
+def test_a_preset_sets_the_model_and_explicit_flags_win():
+    cfg = parse_args(["--model-preset", "paper-1.3b", "--num-layers", "12", "--no-untie-embeddings-and-output-weights"])
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size) == (12, 2048, 16, 5504)
+    assert (m.normalization, m.swiglu, m.position_embedding_type, m.add_bias_linear) == ("RMSNorm", True, "rope", False)
+    assert not m.untie_embeddings_and_output_weights and m.hidden_dropout == 0.0
+    plain = parse_args([]).model  # no preset: Megatron-LM's GPT-2-style defaults
+    assert (plain.normalization, plain.swiglu, plain.add_bias_linear) == ("LayerNorm", False, True)
+
+
+def test_help_lists_every_flag_with_a_text_in_its_group(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for group in GROUPS:
+        assert f"\n{group}:\n" in text
+    for flag in FLAGS:
+        assert flag.name in text and flag.help

@@ -1,0 +1,101 @@
+"""tools/export_hf.py / megatron-patch-export-hf: a checkpoint as a HuggingFace model directory.
+
+  python tools/export_hf.py ckpt/phase2 hf/phase2 [--iteration N] [--dtype bf16|fp32] [--tokenizer-model tok.model]
+  lm_eval --model hf --model_args pretrained=hf/phase2 --tasks hellaswag      # what it prints at the end
+
+Any checkpoint of this project (any TP x PP (x virtual PP) layout, DeepSpeed's consolidated weights, phase 1 or 2:
+the weights are the same for every K) becomes LlamaForCausalLM (RMSNorm, SwiGLU, RoPE) or GPT2LMHeadModel
+(LayerNorm, GELU, learned positions, biases): config.json, model.safetensors, generation_config.json and the
+tokenizer files. A model neither class computes exactly is refused, naming the feature. OUT is written as
+OUT.tmp-<pid> and renamed when complete; an existing OUT is kept unless --overwrite.
+See megatron_patch/hf_export.py for the weight mapping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+import torch
+
+from megatron_patch import hf_export
+from megatron_patch.data.tokenizer import model_sha256
+from megatron_patch.hf_tokenizer import TokenizerExportError, save_hf_tokenizer
+
+PROG = "export_hf.py"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(self.prog, message)
+
+
+def fail(prog: str, message) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (its tracker names the iteration)")
+    parser.add_argument("out", metavar="OUT", help="HF model directory to write")
+    parser.add_argument("--iteration", type=int, help="another saved iteration than the tracker's")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="weights' dtype (default: bf16 for a --bf16 run, else fp32)")
+    parser.add_argument("--tokenizer-model", help="SentencePiece model (default: the run's --tokenizer-model)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    return parser
+
+
+def export(args) -> str:
+    """Write the HF directory; returns the summary to print. ExportError / TokenizerExportError on bad input."""
+    hf_export.check_output(args.out, args.overwrite)
+    saved = hf_export.locate_checkpoint(args.checkpoint, args.iteration)
+    model = saved.model
+    family = hf_export.hf_family(model)
+    tokenizer = args.tokenizer_model or saved.config["data"].get("tokenizer_model")
+    if not tokenizer or not os.path.isfile(tokenizer):
+        raise hf_export.ExportError(f"tokenizer model not found: {tokenizer} (give --tokenizer-model)")
+    trained_with = (saved.run or {}).get("tokenizer_sha256")
+    if trained_with and model_sha256(tokenizer) != trained_with:
+        raise hf_export.ExportError(f"--tokenizer-model {tokenizer} is not the tokenizer {saved.root} was trained "
+                                    "with (its sha256 differs)")
+    vocab_size, special_tokens = hf_export.tokenizer_info(tokenizer)
+    dtype = DTYPES[args.dtype or ("bf16" if saved.config.get("bf16") else "fp32")]
+    full = saved.full_weights()
+    rows = full[hf_export.EMBEDDING].size(0)
+    state, config = hf_export.megatron_to_hf(full, model, vocab_size, special_tokens)
+    with hf_export.staged_directory(args.out, args.overwrite) as staging:
+        hf_export.save_hf(staging, state, config, dtype)
+        save_hf_tokenizer(tokenizer, staging)
+    parallel = saved.config["parallel"]
+    parameters = sum(t.numel() for t in state.values())
+    out = shlex.quote(args.out)
+    return "\n".join([
+        f"exported {saved.directory} (TP={parallel['tensor_model_parallel_size']} x "
+        f"PP={parallel['pipeline_model_parallel_size']}, trained at K={saved.config.get('patch_size', 1)}) to "
+        f"{args.out}",
+        f"  {hf_export.HF_CLASSES[family]}: {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"{model.num_attention_heads} heads, vocabulary {vocab_size} (of {rows} padded rows), "
+        f"{'untied' if model.untie_embeddings_and_output_weights else 'tied'} embeddings, "
+        f"{parameters / 1e6:.2f}M parameters, {str(dtype).removeprefix('torch.')}",
+        "evaluate it with lm-eval (pip install -e '.[eval]'):",
+        f"  lm_eval --model hf --model_args pretrained={out},dtype={str(dtype).removeprefix('torch.')} "
+        "--tasks lambada_openai,hellaswag,arc_easy --batch_size 8",
+    ])
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = export(args)
+    except (hf_export.ExportError, TokenizerExportError) as e:
+        fail(PROG, e)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""tools/import_hf.py / megatron-patch-import-hf: a HuggingFace LlamaForCausalLM or GPT2LMHeadModel directory as a
+checkpoint of this project, in the parallel layout the next run uses.
+
+  python tools/import_hf.py hf/llama ckpt/from_hf --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 \\
+      [--tokenizer-model tok.model] [--overwrite]
+
+Reads config.json and model.safetensors (or pytorch_model.bin, weights only; sharded files with their index) and
+writes `OUT/iter_0000000/mp_rank_*/model_optim_rng.pt` sharded as megatron-core shards that layout, run.json (the
+model config and the tokenizer's sha256) and the tracker, then prints the pretrain_patch_gpt.py flags that start
+from it (`--pretrained-checkpoint OUT`: its weights, a fresh optimizer and LR schedule). The trainer reads
+SentencePiece tokenizers: the HF directory's tokenizer.model, or --tokenizer-model. OUT is written as
+OUT.tmp-<pid> and renamed when complete; an existing OUT is kept unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+
+from megatron_patch import hf_export, reshard
+from megatron_patch.cli.export_hf import OneLineErrorParser, fail
+from megatron_patch.config import ModelConfig
+from megatron_patch.flags import FLAGS
+
+PROG = "import_hf.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("hf_dir", metavar="HF_DIR", help="HF model directory (config.json and weights)")
+    parser.add_argument("out", metavar="OUT", help="checkpoint directory to write")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of the checkpoint (default 1)")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP of the checkpoint (default 1)")
+    parser.add_argument("--tokenizer-model", help="SentencePiece model (default: HF_DIR/tokenizer.model)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    return parser
+
+
+def model_flags(model: ModelConfig) -> list:
+    """pretrain_patch_gpt.py's model flags that give exactly `model` (explicit, so no preset default can differ)."""
+    args = []
+    for flag in FLAGS:
+        if not flag.path.startswith("model."):
+            continue
+        name = flag.path.split(".", 1)[1]
+        value = getattr(model, name)
+        if value is None or (name == "max_position_embeddings" and model.position_embedding_type == "rope"):
+            continue  # rope models have no position table
+        if flag.kwargs.get("action") is not None:  # --x / --no-x
+            on = (not value) if flag.negated else value
+            args.append(flag.name if on else "--no-" + flag.name[2:])
+        else:
+            args += [flag.name, str(value)]
+    return args
+
+
+def import_model(args) -> str:
+    """Write the checkpoint; returns what to print. ExportError on bad input."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    hf_export.check_output(args.out, args.overwrite)
+    config = hf_export.read_hf_config(args.hf_dir)
+    model = hf_export.model_of_hf(config)
+    hf_export.check_layout(model, tp, pp)
+    tokenizer = args.tokenizer_model or os.path.join(args.hf_dir, "tokenizer.model")
+    if not os.path.isfile(tokenizer):
+        raise hf_export.ExportError(f"no SentencePiece tokenizer {tokenizer} (the trainer reads SentencePiece "
+                                    "models: give --tokenizer-model)")
+    vocab_size, _ = hf_export.tokenizer_info(tokenizer)
+    full, model = hf_export.hf_to_megatron(hf_export.read_hf_weights(args.hf_dir), config)
+    rows = full[hf_export.EMBEDDING].size(0)
+    if rows < vocab_size:
+        raise hf_export.ExportError(f"the model's {rows}-row vocabulary is smaller than {tokenizer}'s {vocab_size} "
+                                    "pieces: another tokenizer?")
+    for name in reshard.VOCAB_ROWS:  # rows past the tokenizer's never occur in its data
+        if name in full:
+            full[name] = full[name][:vocab_size]
+    cfg = hf_export.import_config(model, tp, pp, tokenizer)
+    with hf_export.staged_directory(args.out, args.overwrite) as staging:
+        hf_export.write_checkpoint(full, cfg, staging, tp, pp)
+    flags = [*model_flags(model), "--tokenizer-model", os.path.abspath(tokenizer), "--pretrained-checkpoint",
+             os.path.abspath(args.out), "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size",
+             str(pp)]
+    return "\n".join([
+        f"imported {args.hf_dir} ({type(config).__name__}: {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"{model.num_attention_heads} heads, vocabulary {vocab_size} of {rows} rows) to {args.out} "
+        f"(TP={tp} x PP={pp}, iteration 0)",
+        "train from it with these pretrain_patch_gpt.py flags (plus data, batch and schedule flags):",
+        "  " + shlex.join(flags),
+    ])
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = import_model(args)
+    except hf_export.ExportError as e:
+        fail(PROG, e)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -101,7 +101,8 @@ class CheckpointModel:
         config = transformer_config(self.saved.model, parallel)  # fp32: evaluation is not where to save memory
         vpp = parallel.virtual_pipeline_model_parallel_size
         self.chunks = [build_model(self.saved.model, parallel, vocab_size, 1, config=config,
-                                   vp_stage=stage if vpp else None) for stage in range(vpp or 1)]
+                                   vp_stage=stage if vpp else None, tokenizer_vocab_size=self.tokenizer.vocab_size)
+                       for stage in range(vpp or 1)]
         sharding = {k: v for chunk in self.chunks for k, v in reshard.sharding_of(chunk).items()}
         try:
             full = reshard.full_state_dict(tracker.iteration_dir(root, self.iteration), sharding)

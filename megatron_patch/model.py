@@ -22,11 +22,12 @@ from megatron_patch.patching import patch_cross_entropy, patch_position_ids, pat
 
 
 class PatchGPTModel(GPTModel):
-    def __init__(self, *args, patch_size: int = 1, **kwargs):
+    def __init__(self, *args, patch_size: int = 1, tokenizer_vocab_size: int | None = None, **kwargs):
         # Patches are averaged over the full sequence, so the embedding must not scatter it for sequence
         # parallelism; forward() scatters the patch embeddings instead.
         super().__init__(*args, scatter_embedding_sequence_parallel=False, **kwargs)
         self.patch_size = patch_size
+        self.tokenizer_vocab_size = tokenizer_vocab_size  # the softmax covers these rows, not the TP padding
 
     def forward(self, input_ids, position_ids, attention_mask, labels=None, **kwargs):
         """input_ids/labels: [b, T*K] tokens; position_ids: ignored (patch indices are used);
@@ -47,7 +48,8 @@ class PatchGPTModel(GPTModel):
     def compute_language_model_loss(self, labels, logits):
         """[b, T*K] per-token loss of the K-target objective (GPTModel's hook for the LM loss)."""
         return patch_cross_entropy(
-            logits, labels, self.patch_size, group=parallel_state.get_tensor_model_parallel_group()
+            logits, labels, self.patch_size, group=parallel_state.get_tensor_model_parallel_group(),
+            vocab_size=self.tokenizer_vocab_size,
         )
 
 
@@ -116,10 +118,13 @@ def build_model(
     bf16: bool = False,
     vp_stage: int | None = None,
     config: TransformerConfig | None = None,
+    tokenizer_vocab_size: int | None = None,
 ) -> PatchGPTModel:
     """The model chunk this rank holds (the whole model without pipeline parallelism; chunk `vp_stage` of this
     pipeline stage with interleaving). Chunks of one rank must share one `config`: megatron-core's schedules
-    read their settings (no_sync_func, finalize_model_grads_func) from the first chunk's."""
+    read their settings (no_sync_func, finalize_model_grads_func) from the first chunk's. `vocab_size`: the
+    embedding's rows (padded for TP); `tokenizer_vocab_size`: the real ones, over which the loss normalises (the
+    probabilities an exported HF model, which has no padding rows, gives)."""
     config = config or transformer_config(model, parallel, bf16)
     return PatchGPTModel(
         config=config,
@@ -133,4 +138,5 @@ def build_model(
         position_embedding_type=model.position_embedding_type,
         rotary_base=model.rotary_base,
         patch_size=patch_size,
+        tokenizer_vocab_size=tokenizer_vocab_size,
     )

@@ -47,16 +47,22 @@ class _PatchCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, group):
+    def forward(ctx, logits, targets, group, vocab_size):
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
+        vocab_local = logits.size(-1)
+        # Rows past the tokenizer's vocabulary (padding for tensor parallelism) are no token: not in the softmax.
+        real_local = vocab_local if vocab_size is None else min(max(vocab_size - rank * vocab_local, 0), vocab_local)
 
-        logits_max = logits.max(dim=-1).values
+        if real_local:
+            logits_max = logits[..., :real_local].max(dim=-1).values
+        else:
+            logits_max = logits.new_full(logits.shape[:-1], float("-inf"))
         if world > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - logits_max.unsqueeze(-1)
+        shifted[..., real_local:] = float("-inf")
 
-        vocab_local = logits.size(-1)
         local_targets = targets - rank * vocab_local
         owned = (local_targets >= 0) & (local_targets < vocab_local)
         local_targets = local_targets.clamp(0, vocab_local - 1)
@@ -78,11 +84,12 @@ class _PatchCrossEntropy(torch.autograd.Function):
         softmax, local_targets, owned = ctx.saved_tensors
         grad_logits = softmax * grad_loss.sum(dim=-1, keepdim=True)
         grad_logits.scatter_add_(-1, local_targets, -(grad_loss * owned))
-        return grad_logits, None, None
+        return grad_logits, None, None, None
 
 
 def patch_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, patch_size: int, group: Optional[dist.ProcessGroup] = None
+    logits: torch.Tensor, labels: torch.Tensor, patch_size: int, group: Optional[dist.ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """The K-target loss per label token.
 
@@ -99,5 +106,5 @@ def patch_cross_entropy(
     targets = labels.view(batch, num_patches, patch_size).transpose(0, 1)  # [T, b, K]
     # bf16/fp16 logits are upcast: the softmax and its gradient are computed in (at least) fp32.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = _PatchCrossEntropy.apply(logits, targets.contiguous(), group)
+    loss = _PatchCrossEntropy.apply(logits, targets.contiguous(), group, vocab_size)
     return loss.transpose(0, 1).reshape(batch, num_patches * patch_size)

@@ -55,7 +55,8 @@ class Trainer:
         vpp = cfg.parallel.virtual_pipeline_model_parallel_size
         models = [
             build_model(cfg.model, cfg.parallel, self.vocab_size, cfg.patch_size, config=self.config,
-                        vp_stage=vp_stage if vpp else None).to(parallel.device())
+                        vp_stage=vp_stage if vpp else None,
+                        tokenizer_vocab_size=self.tokenizer.vocab_size).to(parallel.device())
             for vp_stage in range(vpp or 1)
         ]
         # The compute axis (flops.py): tokens and model FLOPs since the start of the run, earlier phases included.

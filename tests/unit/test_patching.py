@@ -88,3 +88,22 @@ def test_k_targets_share_one_softmax_not_k_copies():
 def test_label_shape_is_checked():
     with pytest.raises(ValueError, match="do not match"):
         patch_cross_entropy(torch.zeros(4, 2, 10), torch.zeros(2, 12, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_padding_rows_of_the_vocabulary_are_not_in_the_softmax(k):
+    """Rows past the tokenizer's vocabulary (TP padding): the loss is the softmax over the real rows only, as an
+    exported model without those rows computes it, and the padding rows get no gradient."""
+    torch.manual_seed(0)
+    T, b, real, padded = 5, 2, 20, 32
+    logits = torch.randn(T, b, padded, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, real, (b, T * k))
+    loss = patch_cross_entropy(logits, labels, k, vocab_size=real)
+    loss.sum().backward()
+    trimmed = logits.detach()[..., :real].clone().requires_grad_(True)
+    expected = patch_cross_entropy(trimmed, labels, k)
+    expected.sum().backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logits.grad[..., :real], trimmed.grad, rtol=0, atol=1e-12)
+    assert torch.count_nonzero(logits.grad[..., real:]) == 0
+    assert not torch.allclose(patch_cross_entropy(logits.detach(), labels, k), loss.detach())  # padding mattered

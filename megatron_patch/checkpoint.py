@@ -20,14 +20,16 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_patch.config import ConfigError, TrainingConfig, to_dict
+from megatron_patch.config import ConfigError, TrainingConfig, from_dict, to_dict
 from megatron_patch.data.tokenizer import model_sha256
 from megatron_patch.flags import flag_for
 from megatron_patch.tracker import RUN_FILE, TRACKER, fsync_write, iteration_dir, latest_iteration, write_tracker
 
 # What must not change under a resumed run (--load) / a phase hand-off (--pretrained-checkpoint).
 MODEL_SHAPE = ["num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "normalization", "swiglu",
-               "position_embedding_type", "rotary_base", "add_bias_linear", "untie_embeddings_and_output_weights"]
+               "position_embedding_type", "rotary_base", "add_bias_linear", "untie_embeddings_and_output_weights",
+               "group_query_attention", "num_query_groups",
+               "transformer_impl"]  # Transformer Engine's layers name the (fused) norm weights differently
 SAMPLING = ["patch_size", "seq_length", "global_batch_size", "seed", "data.split", "data.train_data_range"]
 
 
@@ -61,6 +63,8 @@ def _lookup(tree: dict, path: str):
 def check_compatible(saved: dict, current: dict, where: str, resume: bool) -> None:
     """ConfigError naming every difference that would make a resumed run (or a phase hand-off) silently wrong."""
     paths = [f"model.{name}" for name in MODEL_SHAPE] + (SAMPLING if resume else [])
+    # Fields newer than the checkpoint take their defaults (what the run that wrote it had).
+    saved = dict(saved, config=to_dict(from_dict(saved["config"])))
     diffs = [f"{p.split('.')[-1]}={_lookup(saved['config'], p)} (this run: {_lookup(current['config'], p)}, "
              f"{flag_for(p)})" for p in paths if _lookup(saved["config"], p) != _lookup(current["config"], p)]
     if saved["tokenizer_sha256"] != current["tokenizer_sha256"]:

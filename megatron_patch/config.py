@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -20,6 +21,10 @@ class ConfigError(ValueError):
 
 
 VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")  # Megatron-LM's --attention-backend
+SDPA_BACKENDS = ("auto", "flash", "fused")  # with the local layers: torch's scaled_dot_product_attention
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # what megatron-core recomputes selectively in a dense GPT
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
@@ -52,6 +57,31 @@ class ModelConfig:
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
     norm_epsilon: float = 1e-5
+    # Megatron-LM's default is Transformer Engine; here the local (torch) layers, which run anywhere.
+    transformer_impl: str = "local"  # "local" | "transformer_engine"
+    # Megatron-LM's names. Local layers: auto/flash/fused -> attention.SDPAttention (torch's fused kernels),
+    # unfused/local -> megatron-core's DotProductAttention. Transformer Engine: handed to megatron-core as is.
+    attention_backend: str = "auto"
+    group_query_attention: bool = False
+    num_query_groups: Optional[int] = None  # with group_query_attention; default 1 (Megatron-LM's)
+    # Activation recompute (megatron-core's TransformerConfig fields of the same names).
+    recompute_granularity: Optional[str] = None  # "full" | "selective"
+    recompute_method: Optional[str] = None  # full: "uniform" | "block"
+    recompute_num_layers: Optional[int] = None  # full: layers per recompute unit (uniform) / recomputed (block)
+    recompute_modules: Optional[List[str]] = None  # selective: default ["core_attn"] (megatron-core's)
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads: num_query_groups with grouped-query attention (1 if not given), else one per head."""
+        if not self.group_query_attention:
+            return self.num_attention_heads
+        return self.num_query_groups or 1
+
+    @property
+    def uses_sdpa(self) -> bool:
+        """Whether the local layers' core attention is attention.SDPAttention (else megatron-core's unfused
+        DotProductAttention)."""
+        return self.transformer_impl == "local" and self.attention_backend in SDPA_BACKENDS
 
 
 @dataclass
@@ -164,6 +194,8 @@ class TrainingConfig:
         """Derive defaults that depend on the launch and check everything; raises ConfigError."""
         self._check_patching()
         data_parallel = self._check_layout(world_size)
+        self._check_attention()
+        self._check_recompute()
         self._derive_batch_and_iterations(data_parallel)
         self._check_positions()
         self._check_schedule()
@@ -219,6 +251,66 @@ class TrainingConfig:
                 f"positions per sample (seq length / patch size)"
             )
         return self.data_parallel_size(world_size)
+
+    def _check_attention(self) -> None:
+        """Implementation, backend and grouped-query attention against the heads and the tensor-parallel size."""
+        m, tp = self.model, self.parallel.tensor_model_parallel_size
+        if m.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ConfigError(f"--transformer-impl {m.transformer_impl}: choose from {', '.join(TRANSFORMER_IMPLS)}")
+        if m.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"--attention-backend {m.attention_backend}: choose from {', '.join(ATTENTION_BACKENDS)}")
+        if m.transformer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError("--transformer-impl transformer_engine needs the transformer_engine package (GPU "
+                              "only), which is not installed: use --transformer-impl local")
+        if not m.group_query_attention:
+            if m.num_query_groups is not None:
+                raise ConfigError(f"--num-query-groups {m.num_query_groups} needs --group-query-attention")
+            return
+        groups = m.query_groups
+        if groups < 1 or m.num_attention_heads % groups:
+            raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                              f"--num-query-groups {groups}")
+        if groups % tp:
+            raise ConfigError(f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size {tp} "
+                              f"(each tensor-parallel rank holds whole key/value groups)")
+
+    def _check_recompute(self) -> None:
+        """megatron-core's recompute settings, checked against the layers of one model chunk."""
+        m, p = self.model, self.parallel
+        chunk = m.num_layers // p.pipeline_model_parallel_size // (p.virtual_pipeline_model_parallel_size or 1)
+        if m.recompute_granularity is None:
+            given = [flag for flag, value in [("--recompute-method", m.recompute_method),
+                                              ("--recompute-num-layers", m.recompute_num_layers),
+                                              ("--recompute-modules", m.recompute_modules)] if value is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} needs --recompute-granularity")
+        elif m.recompute_granularity == "full":
+            if m.recompute_method not in ("uniform", "block") or m.recompute_num_layers is None:
+                raise ConfigError("--recompute-granularity full needs --recompute-method uniform|block and "
+                                  "--recompute-num-layers N")
+            if m.recompute_modules is not None:
+                raise ConfigError("--recompute-modules is for --recompute-granularity selective (full recomputes "
+                                  "whole layers)")
+            if not 1 <= m.recompute_num_layers <= chunk:
+                raise ConfigError(f"--recompute-num-layers {m.recompute_num_layers} must be between 1 and the "
+                                  f"{chunk} layers of each pipeline stage (model chunk)")
+            if m.recompute_method == "uniform" and chunk % m.recompute_num_layers:
+                raise ConfigError(f"--recompute-method uniform: --recompute-num-layers {m.recompute_num_layers} must "
+                                  f"divide the {chunk} layers of each pipeline stage (model chunk)")
+        elif m.recompute_granularity == "selective":
+            if m.recompute_method is not None or m.recompute_num_layers is not None:
+                raise ConfigError("--recompute-granularity selective takes no --recompute-method or "
+                                  "--recompute-num-layers (it recomputes --recompute-modules in every layer)")
+            unknown = sorted(set(m.recompute_modules or ()) - set(RECOMPUTE_MODULES))
+            if unknown:
+                raise ConfigError(f"--recompute-modules {' '.join(unknown)}: choose from "
+                                  f"{', '.join(RECOMPUTE_MODULES)}")
+            if "layernorm" in (m.recompute_modules or ()) and importlib.util.find_spec("transformer_engine") is None:
+                # megatron-core 0.16's CheckpointWithoutOutput() takes itself for fp8 and asks Transformer Engine.
+                raise ConfigError("--recompute-modules layernorm needs the transformer_engine package installed "
+                                  "(megatron-core 0.16 asks it for the fp8 state); core_attn and mlp work without")
+        else:
+            raise ConfigError(f"--recompute-granularity {m.recompute_granularity}: choose full or selective")
 
     def _derive_batch_and_iterations(self, data_parallel: int) -> None:
         if self.global_batch_size is None:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
-from megatron_patch.config import TrainingConfig
+from megatron_patch.config import ATTENTION_BACKENDS, RECOMPUTE_MODULES, TRANSFORMER_IMPLS, TrainingConfig
 from megatron_patch.presets import MODEL_PRESETS
 
 
@@ -51,6 +51,20 @@ GROUPS = {
         Flag("--init-method-std", "model.init_method_std", "std of the normal weight initialisation",
              dict(type=float)),
         Flag("--norm-epsilon", "model.norm_epsilon", "epsilon of the norm layers", dict(type=float)),
+        Flag("--transformer-impl", "model.transformer_impl",
+             "layer implementation: megatron-core's local (torch) layers, or Transformer Engine's (GPU only; "
+             "needs the transformer_engine package; checkpoints name the fused norms differently)",
+             dict(choices=list(TRANSFORMER_IMPLS))),
+        Flag("--attention-backend", "model.attention_backend",
+             "core attention. Local layers: auto/flash/fused = torch's scaled_dot_product_attention (flash or "
+             "memory-efficient kernels, no [s, s] scores kept), unfused/local = megatron-core's DotProductAttention "
+             "(explicit scores and softmax); Transformer Engine: passed to megatron-core (TE's kernel choice). "
+             "Same weights either way", dict(choices=list(ATTENTION_BACKENDS))),
+        Flag("--group-query-attention", "model.group_query_attention",
+             "grouped-query attention: --num-query-groups key/value heads shared by the query heads", ON),
+        Flag("--num-query-groups", "model.num_query_groups",
+             "with --group-query-attention: key/value groups (default 1); must divide --num-attention-heads and be "
+             "divisible by --tensor-model-parallel-size", dict(type=int)),
     ],
     "patch-level training": [
         Flag("--patch-size", "patch_size",
@@ -95,6 +109,21 @@ GROUPS = {
         Flag("--train-tokens", "train_tokens", "tokens to read, instead of --train-iters", dict(type=int)),
         Flag("--seed", "seed", "random seed (weights, data order, dropout)", dict(type=int)),
         Flag("--bf16", "bf16", "bf16 weights and activations, fp32 master weights", dict(action="store_true")),
+        Flag("--recompute-granularity", "model.recompute_granularity",
+             "activation recompute: full = whole layers (see --recompute-method), selective = --recompute-modules "
+             "of every layer. The default core_attn saves little with the SDPA attention backend (it keeps no "
+             "[s, s] scores to drop) and only recomputes it; it pays with --attention-backend unfused",
+             dict(choices=["full", "selective"])),
+        Flag("--recompute-method", "model.recompute_method",
+             "full recompute: uniform = checkpoint every group of --recompute-num-layers layers, block = only the "
+             "first --recompute-num-layers layers of each pipeline stage", dict(choices=["uniform", "block"])),
+        Flag("--recompute-num-layers", "model.recompute_num_layers",
+             "full recompute: layers per checkpointed group (uniform) or layers recomputed per stage (block)",
+             dict(type=int)),
+        Flag("--recompute-modules", "model.recompute_modules",
+             "selective recompute: the parts of each layer to recompute (default: core_attn; layernorm needs "
+             "Transformer Engine installed)",
+             dict(nargs="+", choices=list(RECOMPUTE_MODULES))),
         Flag("--exit-signal-handler", "exit_signal_handler",
              "on SIGTERM/SIGUSR1 finish the step, save and exit 0", dict(action="store_true")),
         Flag("--exit-interval", "exit_interval", "stop (and save) after an iteration divisible by this",

@@ -11,11 +11,16 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from megatron_patch.attention import SDPAttention
 from megatron_patch.compat.cpu import pipeline_p2p_settings
 from megatron_patch.config import ModelConfig, ParallelConfig
 from megatron_patch.patching import patch_cross_entropy, patch_position_ids, patchify
@@ -67,13 +72,23 @@ class TorchNorm:
 
 
 def layer_specs(model: ModelConfig, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
-    """megatron-core's local (non-Transformer-Engine) GPT layers; the torch norms replaced by TorchNorm unless
-    apex provides fused ones."""
-    spec = get_gpt_layer_local_spec(normalization=model.normalization)
-    norm = spec.submodules.input_layernorm
-    if norm is WrappedTorchNorm:
-        norm = TorchNorm
-        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
+    """The GPT layers of this model chunk. Local implementation: megatron-core's local spec, its core attention
+    SDPAttention unless --attention-backend unfused/local, the torch norms replaced by TorchNorm unless apex provides
+    fused ones. Transformer Engine: megatron-core's TE spec as it is (TE's attention chooses its kernel from
+    config.attention_backend)."""
+    if model.transformer_impl == "transformer_engine":
+        # Optional GPU package (config.py refuses this implementation without it): imported only when asked for.
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        spec, norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
+    else:
+        spec = get_gpt_layer_local_spec(normalization=model.normalization)
+        if model.uses_sdpa:
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        norm = spec.submodules.input_layernorm
+        if norm is WrappedTorchNorm:
+            norm = TorchNorm
+            spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage), layer_norm=norm)
 
 
@@ -97,6 +112,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
+        num_query_groups=model.query_groups if model.group_query_attention else None,
+        transformer_impl=model.transformer_impl,
+        # Only Transformer Engine reads it (megatron-core sets TE's NVTE_* kernel switches from it); the local
+        # layers' choice is made in layer_specs.
+        attention_backend=AttnBackend[model.attention_backend] if model.transformer_impl == "transformer_engine"
+        else AttnBackend.auto,
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
+        recompute_modules=list(model.recompute_modules) if model.recompute_modules else None,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,

@@ -167,7 +167,8 @@ def test_lm_eval_runs_an_offline_task_on_the_exported_model(exported, corpus, tm
     tiny model was trained on 32 positions, its config's context; RoPE reads the items' longer contexts.)"""
     run([PYTHON, "examples/lm_eval_cloze_task.py", "--input", str(corpus["jsonl"]), "--output", str(tmp_path / "task"),
          "--items", "20"])
-    run([PYTHON, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={exported},dtype=float32,max_length=256",
+    run([PYTHON, "-m", "lm_eval", "run", "--model", "hf",
+         "--model_args", f"pretrained={exported},dtype=float32,max_length=256",
          "--device", "cpu", "--batch_size", "8", "--include_path", str(tmp_path / "task"),
          "--tasks", "python_docs_cloze", "--output_path", str(tmp_path / "results")],
         env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, timeout=900)

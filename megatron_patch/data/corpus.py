@@ -31,7 +31,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy
 import zstandard
 
-from megatron_patch.data.tokenizer import SentencePieceTokenizer
+from megatron_patch.data.tokenizer import TOKENIZE_ERRORS, Tokenizer, build_tokenizer
+from megatron_patch.tokenizer_spec import TokenizerSpec
 
 READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 FORMAT_SUFFIXES = (".jsonl", ".json", ".txt")
@@ -302,11 +303,11 @@ class Encoder:
     of the patch size. Matches Megatron-LM's Encoder.encode: sequences without tokens are dropped, a document
     without tokens gets no EOD and no sequences (it still counts as a document in the index)."""
 
-    tokenizer: Optional[SentencePieceTokenizer] = None  # one per process, loaded by load()
+    tokenizer: Optional[Tokenizer] = None  # one per process, loaded by load()
 
-    def __init__(self, tokenizer_model: str, json_keys: List[str], append_eod: bool, patch_size: int, pad_id: int,
+    def __init__(self, tokenizer: TokenizerSpec, json_keys: List[str], append_eod: bool, patch_size: int, pad_id: int,
                  dtype):
-        self.tokenizer_model = tokenizer_model
+        self.tokenizer_spec = tokenizer
         self.pad_id = pad_id
         self.json_keys = json_keys
         self.append_eod = append_eod
@@ -314,11 +315,13 @@ class Encoder:
         self.dtype = numpy.dtype(dtype)
 
     def load(self) -> None:
-        Encoder.tokenizer = SentencePieceTokenizer(self.tokenizer_model)
+        Encoder.tokenizer = build_tokenizer(self.tokenizer_spec)
 
     def start_worker(self) -> None:
-        """Pool initializer: Ctrl-C is the main process's to handle, and a worker must not outlive it (kill -9)."""
+        """Pool initializer: Ctrl-C is the main process's to handle, and a worker must not outlive it (kill -9).
+        One thread per worker for the `tokenizers` library's batches (the workers already fill the cores)."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
         if sys.platform.startswith("linux"):
             import ctypes
 
@@ -351,7 +354,7 @@ class Encoder:
         """Per document, its sequences' ids; a string instead for a document the tokenizer rejects."""
         try:
             flat = Encoder.tokenizer.tokenize_batch([text for sequences in docs for text in sequences])
-        except (TypeError, RuntimeError, UnicodeError):
+        except TOKENIZE_ERRORS:
             # One bad text fails the whole call (e.g. a lone surrogate from a "\ud800" JSON escape): find it.
             return [self._tokenize_one(sequences) for sequences in docs]
         it = iter(flat)
@@ -360,7 +363,7 @@ class Encoder:
     def _tokenize_one(self, sequences: List[str]):
         try:
             return Encoder.tokenizer.tokenize_batch(sequences)
-        except (TypeError, RuntimeError, UnicodeError) as e:
+        except TOKENIZE_ERRORS as e:
             return f"the tokenizer rejects the text ({type(e).__name__}: {e})"
 
     def _arrays(self, docs: List[List[List[int]]]):

@@ -41,9 +41,9 @@ from megatron_patch.data.corpus import (
     split_inputs,
 )
 from megatron_patch.data.indexed import DatasetWriter, token_dtype
-from megatron_patch.data.tokenizer import SentencePieceTokenizer, model_sha256
+from megatron_patch.data.tokenizer import build_tokenizer
+from megatron_patch.tokenizer_spec import TokenizerError, TokenizerSpec
 
-SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 MAX_REPORTED = 100  # skipped lines listed per process; the rest are counted
 
@@ -271,6 +271,13 @@ class Job:
             print(f"{self.label}more than {MAX_REPORTED} problems: the rest are counted, not listed",
                   file=sys.stderr)
 
+    def tokenizer_spec(self) -> TokenizerSpec:
+        """The tokenizer the arguments name, its type resolved (BadInput, one line, for flags that do not fit)."""
+        try:
+            return TokenizerSpec.of(self.args).resolved()
+        except TokenizerError as e:
+            raise BadInput(str(e)) from None
+
     def plan(self):
         """Rank 0: the inputs, each rank's share of them, and the sidecar fields every output shares."""
         args = self.args
@@ -278,16 +285,20 @@ class Job:
         if len(args.json_keys) > 1 and any(is_plain_text(p) for p in paths):
             raise BadInput("--json-keys: plain-text inputs hold one document per line, give a single key "
                            "(it names the output)")
-        tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+        spec = self.tokenizer_spec()
+        try:
+            tokenizer = build_tokenizer(spec)
+        except TokenizerError as e:
+            raise BadInput(str(e)) from None
         pad_id = tokenizer.pad if args.pad_id is None else args.pad_id
         if args.patch_size > 1 and pad_id < 0:
-            raise BadInput(f"--patch-size {args.patch_size}: tokenizer {args.tokenizer_model} has no pad id to "
-                           "align documents with; give one with --pad-id (e.g. its unk id)")
+            name = spec.tokenizer_model or spec.vocab_file or spec.type
+            raise BadInput(f"--patch-size {args.patch_size}: tokenizer {name} has no pad id to align documents "
+                           "with; give one with --pad-id (e.g. its unk id)")
         if args.pad_id is not None and not (0 <= pad_id < tokenizer.vocab_size and pad_id != tokenizer.eod):
             raise BadInput(f"--pad-id {pad_id}: needs an id of the tokenizer's {tokenizer.vocab_size} other than "
                            f"its EOD id {tokenizer.eod}")
-        shared = dict(tokenizer_model=os.path.abspath(args.tokenizer_model),
-                      tokenizer_sha256=model_sha256(args.tokenizer_model),
+        shared = dict(**spec.describe(), tokenizer_sha256=tokenizer.fingerprint,
                       vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod, pad_id=pad_id,
                       patch_size=args.patch_size, append_eod=args.append_eod,
                       inputs=[os.path.abspath(p) for p in paths])
@@ -353,7 +364,7 @@ class Job:
         shared, pieces, run_id = from_root(group, self.plan)
         pieces = self.number_my_pieces(pieces[group.rank])
         dtype = token_dtype(shared["vocab_size"])
-        encoder = Encoder(args.tokenizer_model, args.json_keys, args.append_eod, args.patch_size,
+        encoder = Encoder(self.tokenizer_spec(), args.json_keys, args.append_eod, args.patch_size,
                           shared["pad_id"], dtype)
         suffix = f".tmp-{run_id}" + (f"-rank{group.rank}" if group.size > 1 else "")
         writers = {}

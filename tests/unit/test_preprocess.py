@@ -284,7 +284,8 @@ def test_failed_rerun_keeps_the_existing_output(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tokenizer-type", "HuggingFaceTokenizer"], "--tokenizer-type HuggingFaceTokenizer: not supported"),
+    (["--tokenizer-type", "HuggingFaceTokenizer"], "is not a tokenizer.json (a SentencePiece model? pass "
+                                                   "--tokenizer-type SentencePieceTokenizer)"),
     (["--input", "/nonexistent/*.jsonl"], "--input: nothing matches /nonexistent/*.jsonl"),
 ])
 def test_usage_errors_are_one_line(corpus, tmp_path, args, message):

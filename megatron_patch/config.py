@@ -9,11 +9,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from megatron_patch import tracker
+from megatron_patch.tokenizer_spec import TokenizerError, TokenizerSpec
 
 
 class ConfigError(ValueError):
@@ -24,6 +27,7 @@ VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")  # Megatron-LM's --attention-backend
 SDPA_BACKENDS = ("auto", "flash", "fused")  # with the local layers: torch's scaled_dot_product_attention
+CKPT_FORMATS = ("torch_dist", "torch")  # Megatron-LM's --ckpt-format values we write and read
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # what megatron-core recomputes selectively in a dense GPT
 
 
@@ -91,13 +95,26 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = None  # interleaved 1F1B when set
     sequence_parallel: bool = False  # split norms/dropout activations along the sequence over the TP group
     virtual_pipeline_model_parallel_size: Optional[int] = None  # derived: model chunks per pipeline rank
+    # A collective waiting longer than this on a dead or stuck rank fails (Megatron-LM's default: 10 minutes).
+    distributed_timeout_minutes: float = 10
+    # megatron-core's distributed optimizer: fp32 master weights and Adam state sharded over data-parallel ranks
+    # (gradients reduce-scattered, updated weights all-gathered).
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  # reduce gradients bucket by bucket while the backward pass runs
+    overlap_param_gather: bool = False  # all-gather the updated weights during the next forward pass
 
 
 @dataclass
 class DataConfig:
     data_path: List[str] = field(default_factory=list)  # Megatron blend syntax: [w1] prefix1 [w2 prefix2 ...]
     split: str = "969,30,1"
+    # The tokenizer (tokenizer_spec.py): Megatron-LM's --tokenizer-type and the flags of each type.
+    tokenizer_type: Optional[str] = None  # None: SentencePiece for a .model, HuggingFace for a .json / directory
     tokenizer_model: Optional[str] = None
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    vocab_size: Optional[int] = None
+    tokenizer_hf_include_special_tokens: bool = False
     data_cache_path: Optional[str] = None
     num_workers: int = 0
     # [start, end) fractions of the training split's tokens this phase reads (a plan gives phase 1 [0, lambda)
@@ -174,6 +191,7 @@ class TrainingConfig:
     eval_iters: int = 10
     save: Optional[str] = None
     save_interval: Optional[int] = None
+    ckpt_format: str = "torch_dist"  # Megatron-LM's --ckpt-format: torch_dist (any layout on load) or torch (legacy)
     load: Optional[str] = None  # resume from here if it holds a checkpoint
     pretrained_checkpoint: Optional[str] = None  # weights-only start (phase 2 from phase 1) when nothing to resume
     log_json: Optional[str] = None  # append one JSON line per logged step
@@ -195,6 +213,7 @@ class TrainingConfig:
         self._check_patching()
         data_parallel = self._check_layout(world_size)
         self._check_attention()
+        self._check_optimizer_sharding()
         self._check_recompute()
         self._derive_batch_and_iterations(data_parallel)
         self._check_positions()
@@ -217,6 +236,8 @@ class TrainingConfig:
     def _check_layout(self, world_size: int) -> int:
         """Heads, layers and world size against the parallel layout; returns the data-parallel size."""
         m, p = self.model, self.parallel
+        if not p.distributed_timeout_minutes > 0:
+            raise ConfigError(f"--distributed-timeout-minutes must be > 0, got {p.distributed_timeout_minutes}")
         if m.hidden_size % m.num_attention_heads:
             raise ConfigError(
                 f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}"
@@ -251,6 +272,17 @@ class TrainingConfig:
                 f"positions per sample (seq length / patch size)"
             )
         return self.data_parallel_size(world_size)
+
+    def _check_optimizer_sharding(self) -> None:
+        """Megatron-LM's rules for the distributed optimizer, its overlaps and the checkpoint format."""
+        p = self.parallel
+        if self.ckpt_format not in CKPT_FORMATS:
+            raise ConfigError(f"--ckpt-format {self.ckpt_format}: choose from {', '.join(CKPT_FORMATS)}")
+        if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
+            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+        if self.deepspeed.enabled and (p.use_distributed_optimizer or p.overlap_grad_reduce):
+            raise ConfigError("--use-distributed-optimizer/--overlap-grad-reduce are megatron-core's; with --deepspeed "
+                              "shard the optimizer with ZeRO (--zero-stage 1) instead")
 
     def _check_attention(self) -> None:
         """Implementation, backend and grouped-query attention against the heads and the tensor-parallel size."""
@@ -348,6 +380,7 @@ class TrainingConfig:
         start, end = self.data.train_data_range
         if not 0.0 <= start < end <= 1.0:
             raise ConfigError(f"--train-data-range {start} {end}: need 0 <= start < end <= 1")
+        check_split(self.data.split)
         if self.save_interval is not None and self.save is None:
             raise ConfigError("--save-interval needs --save")
         if not self.deepspeed.enabled and (self.deepspeed.config or self.deepspeed.zero_stage is not None):
@@ -360,8 +393,10 @@ class TrainingConfig:
             for suffix in (".bin", ".idx"):
                 if not os.path.isfile(prefix + suffix):
                     raise ConfigError(f"--data-path: {prefix}{suffix} does not exist")
-        if self.data.tokenizer_model is None or not os.path.isfile(self.data.tokenizer_model):
-            raise ConfigError(f"--tokenizer-model: file not found: {self.data.tokenizer_model}")
+        try:
+            TokenizerSpec.of(self.data).resolved()
+        except TokenizerError as e:
+            raise ConfigError(str(e)) from None
         if self.pretrained_checkpoint and not tracker.has_tracker(self.pretrained_checkpoint):
             raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {tracker.TRACKER} there")
 
@@ -384,8 +419,30 @@ def parse_blend(data_path: List[str]):
     except ValueError:
         return list(data_path), None
     if len(data_path) % 2:
-        raise ConfigError("--data-path: weighted blends need `weight prefix` pairs")
-    return list(data_path[1::2]), [float(w) for w in data_path[0::2]]
+        raise ConfigError(f"--data-path: weighted blends need `weight prefix` pairs, got {len(data_path)} values")
+    weights = []
+    for text, prefix in zip(data_path[0::2], data_path[1::2]):
+        try:
+            weight = float(text)
+        except ValueError:
+            raise ConfigError(f"--data-path: the weight of {prefix} is {text!r}, not a number (a weighted blend is "
+                              f"`weight prefix` pairs)") from None
+        if not 0 < weight < math.inf:
+            raise ConfigError(f"--data-path: the weight of {prefix} is {text}; weights must be positive numbers")
+        weights.append(weight)
+    return list(data_path[1::2]), weights
+
+
+def check_split(split: str) -> None:
+    """megatron-core reads the numbers in --split with a regex (a minus sign or a word is silently dropped): up to
+    three non-negative weights, train, valid, test, with a positive sum."""
+    try:
+        values = [float(part) for part in re.split(r"[,/]", split)]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or not all(0 <= v < math.inf for v in values) or sum(values) <= 0:
+        raise ConfigError(f"--split {split}: need up to 3 non-negative numbers (train,valid,test) with a positive "
+                          f"sum, e.g. 969,30,1")
 
 
 def to_dict(cfg: TrainingConfig) -> dict:

@@ -198,9 +198,21 @@ class DeepSpeedTrainer(Trainer):
     def resume(self, iteration: int) -> None:
         """The engine (model, optimizer, ZeRO partitions) and our training state from --load."""
         tag = os.path.basename(tracker.iteration_dir(self.cfg.load, iteration))
+        # DeepSpeed's own reader unpickles with weights_only=False: every file it reads goes through ours instead.
+        self.engine.checkpoint_engine.load = lambda path, map_location=None: checkpoint.read(
+            path, deepspeed_safe_globals(), map_location)
         _, client_state = self.engine.load_checkpoint(self.cfg.load, tag=tag, load_lr_scheduler_states=False)
         self.restore_training_state(client_state)
         print_rank_0(f"resumed DeepSpeed checkpoint {self.cfg.load} at iteration {self.iteration}")
+
+
+def deepspeed_safe_globals() -> list:
+    """The non-tensor objects DeepSpeed's checkpoints hold (ZeRO's optimizer state), allowed by checkpoint.read."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def consolidated_weights(trainer: DeepSpeedTrainer) -> dict:

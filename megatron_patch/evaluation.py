@@ -43,9 +43,10 @@ from megatron_patch.config import (
 )
 from megatron_patch.data.corpus import expand_inputs, read_documents
 from megatron_patch.data.dataset import micro_batches
-from megatron_patch.data.tokenizer import SentencePieceTokenizer
+from megatron_patch.data.tokenizer import build_tokenizer
 from megatron_patch.model import build_model, transformer_config
 from megatron_patch.step import global_loss_totals, run_schedule
+from megatron_patch.tokenizer_spec import TokenizerSpec
 from megatron_patch.train import datasets_for, num_samples
 
 SPLITS = ("train", "valid", "test")
@@ -94,9 +95,9 @@ def saved_config(root: str, iteration: Optional[int] = None):
 class CheckpointModel:
     """A checkpoint's model chunks for this rank of the current layout, with its weights, in eval mode."""
 
-    def __init__(self, root: str, iteration: Optional[int], parallel: ParallelConfig, tokenizer_model: str):
+    def __init__(self, root: str, iteration: Optional[int], parallel: ParallelConfig, tokenizer: TokenizerSpec):
         self.saved, self.iteration = saved_config(root, iteration)
-        self.tokenizer = SentencePieceTokenizer(tokenizer_model)
+        self.tokenizer = build_tokenizer(tokenizer)
         vocab_size = padded_vocab_size(self.tokenizer.vocab_size, parallel.tensor_model_parallel_size)
         config = transformer_config(self.saved.model, parallel)  # fp32: evaluation is not where to save memory
         vpp = parallel.virtual_pipeline_model_parallel_size
@@ -175,7 +176,7 @@ class EvaluationRequest:
     json_key: str = "text"
     data_path: Optional[List[str]] = None
     data_cache_path: Optional[str] = None
-    tokenizer_model: Optional[str] = None
+    tokenizer: Optional[TokenizerSpec] = None  # the tokenizer flags given (the rest: the run's)
     seq_length: Optional[int] = None  # token-level positions (default: the run's positions per sample)
     stride: Optional[int] = None
     micro_batch_size: int = 1
@@ -184,9 +185,9 @@ class EvaluationRequest:
     parallel: ParallelConfig = None
 
 
-def evaluate(request: EvaluationRequest, tokenizer_model: str) -> dict:
+def evaluate(request: EvaluationRequest, tokenizer: TokenizerSpec) -> dict:
     """Scores of a checkpoint on a dataset split or on text; collective over the process group."""
-    model = CheckpointModel(request.root, request.iteration, request.parallel, tokenizer_model)
+    model = CheckpointModel(request.root, request.iteration, request.parallel, tokenizer)
     saved = model.saved
     length = request.seq_length or saved.num_patches
     result = {"checkpoint": request.root, "iteration": model.iteration, "patch_size_trained": saved.patch_size,

@@ -9,8 +9,9 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
-from megatron_patch.config import ATTENTION_BACKENDS, RECOMPUTE_MODULES, TRANSFORMER_IMPLS, TrainingConfig
+from megatron_patch.config import ATTENTION_BACKENDS, CKPT_FORMATS, RECOMPUTE_MODULES, TRANSFORMER_IMPLS, TrainingConfig
 from megatron_patch.presets import MODEL_PRESETS
+from megatron_patch.tokenizer_spec import TOKENIZER_FLAGS
 
 
 @dataclass
@@ -85,13 +86,24 @@ GROUPS = {
              "interleaved 1F1B: layers per model chunk", dict(type=int)),
         Flag("--sequence-parallel", "parallel.sequence_parallel",
              "with tensor parallelism: norms and dropout on a slice of the sequence", dict(action="store_true")),
+        Flag("--distributed-timeout-minutes", "parallel.distributed_timeout_minutes",
+             "a collective (or the start-up rendezvous) waiting this long on a dead or stuck rank fails, and the "
+             "process exits 1 (fractions of a minute allowed)", dict(type=float)),
+        Flag("--use-distributed-optimizer", "parallel.use_distributed_optimizer",
+             "megatron-core's distributed optimizer: fp32 master weights and Adam state sharded over the "
+             "data-parallel ranks (ZeRO-1 style)", dict(action="store_true")),
+        Flag("--overlap-grad-reduce", "parallel.overlap_grad_reduce",
+             "reduce gradients bucket by bucket while the backward pass runs", dict(action="store_true")),
+        Flag("--overlap-param-gather", "parallel.overlap_param_gather",
+             "with --use-distributed-optimizer and --overlap-grad-reduce: all-gather the updated weights during the "
+             "next forward pass", dict(action="store_true")),
     ],
     "data": [
         Flag("--data-path", "data.data_path",
              "dataset prefix(es) from tools/preprocess_data.py, or a blend `W1 PREFIX1 W2 PREFIX2 ...`",
              dict(nargs="+")),
         Flag("--split", "data.split", "train,valid,test proportions of the documents", dict()),
-        Flag("--tokenizer-model", "data.tokenizer_model", "SentencePiece model the datasets were written with", dict()),
+        *[Flag(name, f"data.{field}", text, kwargs) for name, field, text, kwargs in TOKENIZER_FLAGS],
         Flag("--data-cache-path", "data.data_cache_path", "where megatron-core caches sample indices", dict()),
         Flag("--num-workers", "data.num_workers", "data loader worker processes", dict(type=int)),
         Flag("--train-data-range", "data.train_data_range",
@@ -171,6 +183,10 @@ GROUPS = {
         Flag("--save", "save", "checkpoint directory to write (Megatron-LM layout, atomic tracker)", dict()),
         Flag("--save-interval", "save_interval", "iterations between checkpoints (one is always saved at the end)",
              dict(type=int)),
+        Flag("--ckpt-format", "ckpt_format",
+             "checkpoint format written by --save: torch_dist (megatron-core dist_checkpointing, Megatron-LM's "
+             "default; --load reads it into any TP/PP/DP layout) or torch (legacy: one file per model-parallel "
+             "rank). --load and --pretrained-checkpoint read both", dict(choices=list(CKPT_FORMATS))),
         Flag("--load", "load", "resume from this checkpoint directory if it holds one", dict()),
         Flag("--pretrained-checkpoint", "pretrained_checkpoint",
              "start from these weights only (fresh optimizer and LR schedule; any parallel layout), e.g. phase 1's",
@@ -186,6 +202,52 @@ GROUPS = {
     ],
 }
 FLAGS = [flag for flags in GROUPS.values() for flag in flags]
+
+
+def _number(kind, low: float, low_included: bool = True, high: float = float("inf")):
+    """An argparse type: a finite `kind` in [low, high) (or (low, high) when not `low_included`); anything else is
+    argparse's one-line error naming the flag."""
+    bound = f">= {low:g}" if low_included else f"> {low:g}"
+    if high != float("inf"):
+        bound = f"in [{low:g}, {high:g})"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if not (low <= value if low_included else low < value) or not value < high:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int, non_negative_int = _number(int, 1), _number(int, 0)
+positive_float, non_negative_float = _number(float, 0, False), _number(float, 0)
+probability = _number(float, 0, True, 1)
+# Numeric flags take positive values (ints) or finite non-negative ones (floats) unless listed here; flags whose
+# range the configuration checks with its own message (e.g. --patch-size, --seq-length) keep plain int/float.
+VALUE_TYPES = {
+    "--num-workers": non_negative_int, "--seed": non_negative_int, "--lr-warmup-iters": non_negative_int,
+    "--eval-iters": non_negative_int,
+    "--hidden-dropout": probability, "--attention-dropout": probability, "--adam-beta1": probability,
+    "--adam-beta2": probability,
+    "--init-method-std": positive_float, "--norm-epsilon": positive_float, "--adam-eps": positive_float,
+    "--exit-duration-in-mins": positive_float, "--peak-tflops": positive_float,
+}
+CONFIG_CHECKED = {"--patch-size", "--seq-length", "--train-iters", "--patch-fraction", "--train-data-range",
+                  "--distributed-timeout-minutes"}
+
+
+def value_type(flag: Flag):
+    """The argparse type of a flag (VALUE_TYPES, or the rule above)."""
+    kind = flag.kwargs.get("type")
+    if kind not in (int, float) or flag.name in CONFIG_CHECKED or "choices" in flag.kwargs:
+        return kind
+    return VALUE_TYPES.get(flag.name, positive_int if kind is int else non_negative_float)
 
 
 def flag_for(path: str) -> str:
@@ -225,6 +287,8 @@ def build_parser(prog: str = "pretrain_patch_gpt.py") -> argparse.ArgumentParser
         group = parser.add_argument_group(title)
         for flag in flags:
             kwargs = dict(flag.kwargs)
+            if "type" in kwargs:
+                kwargs["type"] = value_type(flag)
             default = _get(defaults, flag.path)
             if flag.negated:
                 default = not default

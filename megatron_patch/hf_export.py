@@ -44,9 +44,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, GenerationConfig, GPT2Config, LlamaConfig, PretrainedConfig
 
-from megatron_patch import reshard, tracker
+from megatron_patch import checkpoint, reshard, tracker
 from megatron_patch.config import DataConfig, ModelConfig, ParallelConfig, TrainingConfig, padded_vocab_size, to_dict
-from megatron_patch.data.tokenizer import model_sha256
+from megatron_patch.tokenizer_spec import TokenizerError, TokenizerSpec
 
 LLAMA, GPT2 = "llama", "gpt2"
 HF_CLASSES = {LLAMA: "LlamaForCausalLM", GPT2: "GPT2LMHeadModel"}
@@ -454,13 +454,14 @@ def locate_checkpoint(root: str, iteration: Optional[int] = None) -> SavedCheckp
             shards = sorted(glob.glob(os.path.join(directory, "mp_rank_*", "model_optim_rng.pt")))
             if not shards:
                 raise ExportError(f"{directory}: incomplete checkpoint: no mp_rank_*/model_optim_rng.pt shards")
-            config = torch.load(shards[0], map_location="cpu", weights_only=False)["config"]
+            config = checkpoint.read(shards[0])["config"]
         tp = config["parallel"]["tensor_model_parallel_size"]
         pp = config["parallel"]["pipeline_model_parallel_size"]
     except _READ_ERRORS as e:
         raise ExportError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-    expected = [os.path.join(reshard.shard_dir_name(t, p, pp), "model_optim_rng.pt") for t in range(tp)
-                for p in range(pp)]
+    # torch_dist: megatron-core writes metadata.json last, after every rank's shards.
+    expected = ["metadata.json"] if reshard.is_torch_dist(directory) else [
+        os.path.join(reshard.shard_dir_name(t, p, pp), "model_optim_rng.pt") for t in range(tp) for p in range(pp)]
     missing = [name for name in expected if not os.path.isfile(os.path.join(directory, name))]
     if missing:
         raise ExportError(f"{directory}: incomplete checkpoint: missing {', '.join(missing)} (TP={tp} x PP={pp})")
@@ -600,10 +601,11 @@ def write_checkpoint(full: dict, cfg_dict: dict, out_root: str, tp: int, pp: int
             path = os.path.join(directory, reshard.shard_dir_name(tp_rank, pp_rank, pp), "model_optim_rng.pt")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save({"model": shard, "iteration": iteration, "config": cfg}, path)
-    tokenizer_model = cfg["data"].get("tokenizer_model")
-    run = {"config": cfg, "datasets": [],
-           "tokenizer_sha256": model_sha256(tokenizer_model) if tokenizer_model and os.path.isfile(tokenizer_model)
-           else None}
+    try:
+        fingerprint = TokenizerSpec.of(cfg["data"]).fingerprint()
+    except TokenizerError:  # no tokenizer recorded, or its files are gone
+        fingerprint = None
+    run = {"config": cfg, "datasets": [], "tokenizer_sha256": fingerprint}
     tracker.fsync_write(os.path.join(directory, tracker.RUN_FILE), json.dumps(run, indent=2, sort_keys=True))
     tracker.write_tracker(out_root, iteration)
     return directory

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_patch.compat.cpu import apply_cpu_shims
+from megatron_patch.compat.torch_adam import apply_torch_adam_fixes
 from megatron_patch.config import ConfigError, ParallelConfig
 
 _LAUNCHER_ENV = [  # (rank, world size, local rank)
@@ -73,14 +74,17 @@ def initialize(parallel: ParallelConfig, seed: int, launch: Launch | None = None
                     "launcher set it; with srun or mpirun export MASTER_ADDR and MASTER_PORT)"
                 )
             os.environ["MASTER_PORT"] = str(free_port())  # a lone process: never collide with another job
-        dist.init_process_group(
-            backend, rank=launch.rank, world_size=launch.world_size, timeout=timedelta(minutes=10)
-        )
+        # Every collective (and the start-up rendezvous) on a dead or stopped peer fails after this timeout rather
+        # than hanging: gloo honours it per operation, NCCL through its watchdog.
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                                timeout=timedelta(minutes=parallel.distributed_timeout_minutes))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,  # its groups: the same timeout
     )
+    apply_torch_adam_fixes()
     seed_everything(seed)
     return launch
 

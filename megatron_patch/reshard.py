@@ -14,9 +14,14 @@ import os
 import re
 
 import torch
+import torch.distributed.checkpoint as dcp
 from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from megatron_patch import checkpoint
 from megatron_patch.config import ModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -96,8 +101,48 @@ def fit_vocab_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])])
 
 
+def is_torch_dist(checkpoint_dir: str) -> bool:
+    """Whether an iteration directory holds a torch_dist checkpoint (megatron-core dist_checkpointing writes
+    metadata.json next to the torch.distributed.checkpoint files)."""
+    return os.path.isfile(os.path.join(checkpoint_dir, "metadata.json"))
+
+
+# megatron-core's local layers store their norms under Transformer Engine's names in torch_dist checkpoints.
+_NORM_NAMES = {stored: ours
+               for ours, stored in get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map.items()}
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # GPTModel's tensors; the rest is optimizer and RNG
+
+
+def _torch_dist_full_state_dict(checkpoint_dir: str) -> dict:
+    """The model tensors of a torch_dist checkpoint, whole, read without a process group: megatron-core stores
+    each tensor-parallel weight as one global tensor (SwiGLU's [gate; up] and the key/value groups already in
+    one-process order) and the weights of all layers as one tensor with a leading layer axis."""
+    reader = FileSystemReader(checkpoint_dir)
+    stored = reader.read_metadata().state_dict_metadata
+    wanted = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in stored.items()
+              if key.startswith(_MODEL_PREFIXES) and isinstance(meta, TensorStorageMetadata)}
+    if not wanted:
+        raise FileNotFoundError(f"{checkpoint_dir}: a torch_dist checkpoint without model weights")
+    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    full = {}
+    for key, tensor in wanted.items():
+        if not key.startswith("decoder.layers."):
+            full[key] = tensor
+            continue
+        name = key[len("decoder.layers."):]
+        for stored_prefix, our_prefix in _NORM_NAMES.items():
+            if name.startswith(stored_prefix):
+                name = our_prefix + name[len(stored_prefix):]
+        for layer, weight in enumerate(tensor.unbind(0)):
+            full[f"decoder.layers.{layer}.{name}"] = weight.clone()
+    return full
+
+
 def full_state_dict(checkpoint_dir: str, sharding: dict) -> dict:
-    """All shards of one checkpoint iteration directory merged into unsharded tensors with global names."""
+    """All shards of one checkpoint iteration directory (torch_dist or legacy) merged into unsharded tensors with
+    global names."""
+    if is_torch_dist(checkpoint_dir):
+        return _torch_dist_full_state_dict(checkpoint_dir)
     # Directories only: a DeepSpeed checkpoint also holds mp_rank_*_model_states.pt files next to them.
     shards = glob.glob(os.path.join(checkpoint_dir, "mp_rank_*", "model_optim_rng.pt"))
     shard_dirs = sorted(os.path.dirname(f) for f in shards)
@@ -107,7 +152,7 @@ def full_state_dict(checkpoint_dir: str, sharding: dict) -> dict:
     for shard_dir in shard_dirs:
         ranks = os.path.basename(shard_dir).split("_")[2:]
         tp_rank, pp_rank = int(ranks[0]), int(ranks[1]) if len(ranks) > 1 else 0
-        state = torch.load(os.path.join(shard_dir, "model_optim_rng.pt"), map_location="cpu", weights_only=False)
+        state = checkpoint.read(os.path.join(shard_dir, "model_optim_rng.pt"))
         parallel, num_layers = state["config"]["parallel"], state["config"]["model"]["num_layers"]
         chunk_keys = sorted(k for k in state if re.fullmatch(r"model\d*", k))
         for chunk, key in enumerate(chunk_keys):

@@ -91,6 +91,7 @@ def megatron_optimizer_config(cfg: TrainingConfig, params_dtype) -> MegatronOpti
         clip_grad=o.clip_grad,
         bf16=cfg.bf16,
         params_dtype=params_dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
 
 

@@ -42,11 +42,16 @@ def write_tracker(root: str, iteration: int) -> None:
 
 def fsync_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, permissions: no temp file left behind, and the error names the file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror, e.filename or tmp) from None
 
 
 def read_run(root: str, iteration: int) -> Optional[dict]:

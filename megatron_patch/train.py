@@ -29,12 +29,13 @@ from megatron.core.transformer.module import Float16Module
 from megatron_patch import checkpoint, parallel, reshard, tracker
 from megatron_patch.config import TrainingConfig, padded_vocab_size, parse_blend, to_dict, token_level_view
 from megatron_patch.data.dataset import alignment_pad_id, build_datasets, dataset_sizes, micro_batches
-from megatron_patch.data.tokenizer import SentencePieceTokenizer
+from megatron_patch.data.tokenizer import build_tokenizer
 from megatron_patch.flops import training_flops_per_sample
 from megatron_patch.model import PatchGPTModel, build_model, transformer_config
 from megatron_patch.parallel import print_rank_0
 from megatron_patch.runlog import JsonLinesLog
 from megatron_patch.step import global_losses, lr_scheduler, megatron_optimizer_config, run_schedule
+from megatron_patch.tokenizer_spec import TokenizerSpec
 from megatron_patch.tracking import Trackers, peak_memory_bytes, peak_tflops
 
 
@@ -47,7 +48,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainingConfig):
         self.cfg = cfg
-        self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+        self.tokenizer = build_tokenizer(TokenizerSpec.of(cfg.data))
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
         self.run_description = checkpoint.describe_run(cfg, dataset_sizes(*parse_blend(cfg.data.data_path)))
         # One chunk per rank; with interleaved pipelining, one per virtual stage, sharing one config.
@@ -73,22 +74,32 @@ class Trainer:
     # -- hooks of another engine ---------------------------------------------------------------------------------
     def wrap(self, models: list) -> None:
         """megatron-core's DDP around each chunk, its optimizer and the LR schedule."""
-        cfg = self.cfg
+        cfg, p = self.cfg, self.cfg.parallel
         self.chunks = []
         for vp_stage, chunk in enumerate(models):
             if cfg.bf16:
                 chunk = Float16Module(chunk.config, chunk)
             self.chunks.append(DistributedDataParallel(
                 self.config,
-                DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+                DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+                                              use_distributed_optimizer=p.use_distributed_optimizer,
+                                              overlap_param_gather=p.overlap_param_gather),
                 chunk,
                 disable_bucketing=vp_stage > 0,  # as Megatron-LM: one bucket per rank is enough off the first chunk
             ))
-        no_sync = [chunk.no_sync for chunk in self.chunks]
-        self.config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+        # As Megatron-LM's training.py: the schedules call these per chunk (a list with several chunks).
+        self.config.no_sync_func = _one_or_list([chunk.no_sync for chunk in self.chunks])
+        if p.overlap_grad_reduce:
+            self.config.grad_sync_func = _one_or_list([chunk.start_grad_sync for chunk in self.chunks])
+        if p.overlap_param_gather:
+            self.config.param_sync_func = _one_or_list([chunk.start_param_sync for chunk in self.chunks])
         self.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg, self.config.params_dtype), self.chunks)
         self.scheduler = lr_scheduler(self.optimizer, cfg.optim)
+        held = sum(param.numel() for group in self.optimizer.param_groups for param in group["params"])
+        total = sum(param.numel() for model in self.models for param in model.parameters())
+        print_rank_0(f"optimizer state (Adam moments{', fp32 master weights' if cfg.bf16 else ''}) on rank 0: "
+                     f"{held:,} of this model-parallel rank's {total:,} parameters")
 
     def forward_backward(self, data_iterators):
         """Forward and backward of every micro-batch of one global batch: (loss, per-micro-batch losses)."""
@@ -103,17 +114,64 @@ class Trainer:
         return grad_norm
 
     def save(self) -> None:
-        path = checkpoint.save(self.cfg.save, self.iteration, self.state_dict(), self.run_record())
+        """A checkpoint in --ckpt-format: torch_dist (every rank writes its shards) or the legacy per-rank files
+        (with the distributed optimizer, its state gathered into distrib_optim.pt as Megatron-LM does)."""
+        with self.weights_gathered():
+            if self.cfg.ckpt_format == "torch_dist":
+                path = checkpoint.save_torch_dist(self.cfg.save, self.iteration, self.sharded_state_dict(),
+                                                  self.run_record())
+            else:
+                path = checkpoint.save_with(self.cfg.save, self.iteration, self.run_record(), self._write_legacy)
         print_rank_0(f"saved checkpoint {path}")
 
+    def _write_legacy(self, staging: str) -> None:
+        checkpoint.write_shard(staging, self.state_dict())
+        if self.cfg.parallel.use_distributed_optimizer:  # collective over data-parallel ranks; rank 0 writes
+            self.optimizer.save_parameter_state(checkpoint.shard_file(staging, checkpoint.DISTRIB_OPTIM))
+
     def resume(self, iteration: int) -> None:
-        """Model, optimizer and training state from --load's checkpoint at `iteration`."""
-        state = checkpoint.load(self.cfg.load, iteration)
+        """Model, optimizer and training state from --load's checkpoint at `iteration`, in either format; a
+        torch_dist checkpoint loads into any layout (the RNG streams only into the one that wrote it)."""
+        directory = tracker.iteration_dir(self.cfg.load, iteration)
+        if reshard.is_torch_dist(directory):
+            saved = tracker.read_run(self.cfg.load, iteration)["config"]["parallel"]
+            same_layout = all(saved[k] == getattr(self.cfg.parallel, k) for k in checkpoint.MODEL_PARALLEL_LAYOUT)
+            state = checkpoint.load_torch_dist(directory, self.sharded_state_dict(is_loading=True, rng=same_layout))
+            if not same_layout:
+                print_rank_0("resuming in another model-parallel layout: dropout RNG streams start afresh")
+        else:
+            state = checkpoint.load(self.cfg.load, iteration)
         for i, model in enumerate(self.models):
             model.load_state_dict(state[checkpoint.model_key(i, len(self.models))])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.cfg.parallel.use_distributed_optimizer and not reshard.is_torch_dist(directory):
+            with torch.no_grad():  # fp32 training: the optimizer's main weights are views of the model's
+                self.optimizer.load_parameter_state(checkpoint.shard_file(directory, checkpoint.DISTRIB_OPTIM))
         self.restore_training_state(state)
         print_rank_0(f"resumed from {self.cfg.load} at iteration {self.iteration}")
+
+    def _allocate_distributed_optimizer_state(self) -> None:
+        """megatron-core 0.16's DistributedOptimizer reads Adam's step counter to describe its state for a load;
+        with torch's Adam (no apex or Transformer Engine) the counter exists only after a first step. Its own
+        helper takes a zero-gradient step; the load then overwrites every value that step touched."""
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if not optimizer.optimizer.state:
+                optimizer._init_optimizer_states_with_dummy_values()
+
+    @contextlib.contextmanager
+    def weights_gathered(self):
+        """With --overlap-param-gather the updated weights arrive during the next forward pass: gather them now
+        (before a save or an evaluation) and keep the gathering hooks off meanwhile."""
+        if not self.cfg.parallel.overlap_param_gather:
+            yield
+            return
+        for chunk in self.chunks:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.chunks:
+                chunk.enable_forward_pre_hook()
 
     @property
     def models(self) -> list[PatchGPTModel]:
@@ -164,8 +222,9 @@ class Trainer:
             model.eval()
         dp = parallel_state.get_data_parallel_world_size()
         num_microbatches = view.global_batch_size // (view.micro_batch_size * dp) * view.eval_iters
-        entries = run_schedule(self.chunks, self.data_iterators(dataset, 0, view.micro_batch_size), num_microbatches,
-                               view.num_patches, view.micro_batch_size, forward_only=True)
+        with self.weights_gathered():
+            entries = run_schedule(self.chunks, self.data_iterators(dataset, 0, view.micro_batch_size),
+                                   num_microbatches, view.num_patches, view.micro_batch_size, forward_only=True)
         for model in self.models:
             model.patch_size = self.cfg.patch_size
             model.train()
@@ -211,7 +270,8 @@ class Trainer:
     def restore_training_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
         self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
-        parallel.set_rng_states(state["rng_state"])
+        if "rng_state" in state:
+            parallel.set_rng_states(state["rng_state"])
         # Checkpoints from before the compute axis: this phase's own steps.
         self.compute = dict(state.get("compute") or {"tokens": self.iteration * self.cfg.tokens_per_step,
                                                      "flops": self.iteration * self.flops_per_step})
@@ -228,6 +288,21 @@ class Trainer:
             **self.training_state(),
         }
 
+    def sharded_state_dict(self, is_loading: bool = False, rng: bool = True) -> dict:
+        """What a torch_dist checkpoint holds: megatron-core's sharded model and optimizer state (global tensors,
+        so any layout can load them), this rank's RNG streams as a per-(pipeline, tensor) rank object, and the
+        training state, the same on every rank."""
+        models = {checkpoint.model_key(i, len(self.models)): m.sharded_state_dict() for i, m in enumerate(self.models)}
+        state = {**models, **self.training_state()}
+        if is_loading and self.cfg.parallel.use_distributed_optimizer:
+            self._allocate_distributed_optimizer_state()
+        state["optimizer"] = self.optimizer.sharded_state_dict(models, is_loading=is_loading,
+                                                               metadata=checkpoint.OPTIMIZER_SHARDING)
+        state["rng_state"] = checkpoint.rng_object(state["rng_state"])
+        if not rng:
+            del state["rng_state"]
+        return state
+
     # -- data ------------------------------------------------------------------------------------------------------
     def build_datasets(self):
         """(train, validation) PatchGPTDatasets; validation is None when --split gives it nothing."""
@@ -242,6 +317,10 @@ class Trainer:
                               parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
                               cfg.data.num_workers, cfg.seed)
                 for _ in self.chunks]
+
+
+def _one_or_list(funcs: list):
+    return funcs if len(funcs) > 1 else funcs[0]
 
 
 def datasets_for(cfg: TrainingConfig, tokenizer, samples: Optional[list] = None):

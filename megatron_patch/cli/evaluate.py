@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from megatron_patch import parallel
@@ -22,7 +21,9 @@ from megatron_patch.config import ConfigError, ParallelConfig
 from megatron_patch.data.corpus import BadInput
 from megatron_patch.data.dataset import DataError
 from megatron_patch.evaluation import SPLITS, EvaluationError, EvaluationRequest, evaluate, saved_config
+from megatron_patch.flags import non_negative_int, positive_int
 from megatron_patch.parallel import print_rank_0
+from megatron_patch.tokenizer_spec import TokenizerError, TokenizerSpec, add_tokenizer_arguments, given_or_runs
 
 PROG = "evaluate.py"
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, metavar="CKPT", help="checkpoint directory (its tracker's iteration)")
-    parser.add_argument("--iteration", type=int, help="another saved iteration than the latest")
+    parser.add_argument("--iteration", type=non_negative_int, help="another saved iteration than the latest")
     source = parser.add_argument_group("what to evaluate (default: the run's validation split)")
     source.add_argument("--split-name", choices=[*SPLITS, "all"],
                         help="a split of the dataset as the trainer builds it (--split of the run), or every token")
@@ -40,18 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--json-key", default="text", help="the document's key in JSONL (default: text)")
     source.add_argument("--data-path", nargs="+", help="dataset prefix(es) or blend instead of the run's")
     source.add_argument("--data-cache-path", help="where megatron-core may cache sample indices")
-    source.add_argument("--tokenizer-model", help="SentencePiece model (default: the run's)")
+    add_tokenizer_arguments(parser.add_argument_group("tokenizer (default: the run's; flags given replace its own)"))
     sizes = parser.add_argument_group("sizes")
-    sizes.add_argument("--seq-length", type=int, help="token positions per window/sample (default: the positions "
-                                                      "per sample the run trained on)")
+    sizes.add_argument("--seq-length", type=positive_int, help="token positions per window/sample (default: the "
+                                                               "positions per sample the run trained on)")
     sizes.add_argument("--stride", type=int, help="text: tokens a window advances (default: --seq-length)")
     sizes.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward pass (default: 1)")
-    sizes.add_argument("--eval-iters", type=int, help="dataset: global batches to read (default: the run's)")
-    sizes.add_argument("--global-batch-size", type=int, help="dataset: samples per batch (default: the run's tokens "
-                                                             "per step)")
+    sizes.add_argument("--eval-iters", type=positive_int, help="dataset: global batches to read (default: the run's)")
+    sizes.add_argument("--global-batch-size", type=positive_int, help="dataset: samples per batch (default: the "
+                                                                      "run's tokens per step)")
     layout = parser.add_argument_group("layout to run in (the weights are resharded)")
-    layout.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    layout.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    layout.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    layout.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     parser.add_argument("--output", help="also write the result JSON here")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
@@ -69,17 +70,18 @@ def _request(args) -> EvaluationRequest:
         raise ConfigError(f"world size {world} is not divisible by tensor x pipeline parallel size")
     return EvaluationRequest(
         root=args.load, iteration=args.iteration, split=args.split_name, text=args.text, json_key=args.json_key,
-        data_path=args.data_path, data_cache_path=args.data_cache_path, tokenizer_model=args.tokenizer_model,
+        data_path=args.data_path, data_cache_path=args.data_cache_path, tokenizer=TokenizerSpec.of(args),
         seq_length=args.seq_length, stride=args.stride, micro_batch_size=args.micro_batch_size,
         eval_iters=args.eval_iters, global_batch_size=args.global_batch_size, parallel=layout)
 
 
-def _check_model(request: EvaluationRequest) -> str:
+def _check_model(request: EvaluationRequest) -> TokenizerSpec:
     """Before any process group: the checkpoint and tokenizer exist, the layout fits the model."""
     saved, _ = saved_config(request.root, request.iteration)
-    tokenizer = request.tokenizer_model or saved.data.tokenizer_model
-    if not tokenizer or not os.path.isfile(tokenizer):
-        raise ConfigError(f"--tokenizer-model: file not found: {tokenizer} (the run's; pass --tokenizer-model)")
+    try:
+        tokenizer = given_or_runs(request.tokenizer, saved.data).resolved()
+    except TokenizerError as e:
+        raise ConfigError(f"{e} (the run's tokenizer, or the flags given)") from None
     m, p = saved.model, request.parallel
     if m.num_layers % p.pipeline_model_parallel_size or m.num_attention_heads % p.tensor_model_parallel_size:
         raise ConfigError(f"the model ({m.num_layers} layers, {m.num_attention_heads} heads) does not split into "

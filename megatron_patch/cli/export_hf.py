@@ -14,15 +14,16 @@ See megatron_patch/hf_export.py for the weight mapping.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
 import torch
 
 from megatron_patch import hf_export
-from megatron_patch.data.tokenizer import model_sha256
-from megatron_patch.hf_tokenizer import TokenizerExportError, save_hf_tokenizer
+from megatron_patch.checkpoint import CheckpointError
+from megatron_patch.data.tokenizer import build_tokenizer
+from megatron_patch.hf_tokenizer import TokenizerExportError
+from megatron_patch.tokenizer_spec import TokenizerError, add_tokenizer_arguments, given_or_runs
 
 PROG = "export_hf.py"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iteration", type=int, help="another saved iteration than the tracker's")
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="weights' dtype (default: bf16 for a --bf16 run, else fp32)")
-    parser.add_argument("--tokenizer-model", help="SentencePiece model (default: the run's --tokenizer-model)")
+    add_tokenizer_arguments(parser.add_argument_group("tokenizer (default: the run's; flags given replace its own)"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     return parser
 
@@ -56,21 +57,22 @@ def export(args) -> str:
     saved = hf_export.locate_checkpoint(args.checkpoint, args.iteration)
     model = saved.model
     family = hf_export.hf_family(model)
-    tokenizer = args.tokenizer_model or saved.config["data"].get("tokenizer_model")
-    if not tokenizer or not os.path.isfile(tokenizer):
-        raise hf_export.ExportError(f"tokenizer model not found: {tokenizer} (give --tokenizer-model)")
+    try:
+        tokenizer = build_tokenizer(given_or_runs(args, saved.config["data"]))
+    except TokenizerError as e:
+        raise hf_export.ExportError(f"{e} (the run's tokenizer, or the flags given)") from None
     trained_with = (saved.run or {}).get("tokenizer_sha256")
-    if trained_with and model_sha256(tokenizer) != trained_with:
-        raise hf_export.ExportError(f"--tokenizer-model {tokenizer} is not the tokenizer {saved.root} was trained "
-                                    "with (its sha256 differs)")
-    vocab_size, special_tokens = hf_export.tokenizer_info(tokenizer)
+    if trained_with and tokenizer.fingerprint != trained_with:
+        raise hf_export.ExportError(f"the {tokenizer.spec.type} given is not the tokenizer {saved.root} was "
+                                    "trained with (its fingerprint differs)")
+    vocab_size, special_tokens = tokenizer.vocab_size, tokenizer.hf_special_ids()
     dtype = DTYPES[args.dtype or ("bf16" if saved.config.get("bf16") else "fp32")]
     full = saved.full_weights()
     rows = full[hf_export.EMBEDDING].size(0)
     state, config = hf_export.megatron_to_hf(full, model, vocab_size, special_tokens)
     with hf_export.staged_directory(args.out, args.overwrite) as staging:
         hf_export.save_hf(staging, state, config, dtype)
-        save_hf_tokenizer(tokenizer, staging)
+        tokenizer.save_hf(staging)
     parallel = saved.config["parallel"]
     parameters = sum(t.numel() for t in state.values())
     out = shlex.quote(args.out)
@@ -92,7 +94,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         summary = export(args)
-    except (hf_export.ExportError, TokenizerExportError) as e:
+    except (hf_export.ExportError, TokenizerExportError, TokenizerError, CheckpointError) as e:
         fail(PROG, e)
     print(summary)
 

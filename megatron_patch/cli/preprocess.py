@@ -2,6 +2,9 @@
 
   python tools/preprocess_data.py --input data/*.jsonl.gz --output-prefix out/corpus \\
       --tokenizer-model tok.model --append-eod --workers 8 [--patch-size 4]
+  ... --tokenizer-type HuggingFaceTokenizer --tokenizer-model hf_dir_or_tokenizer.json
+  ... --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt --pad-id 0
+  ... --tokenizer-type NullTokenizer --vocab-size 32000       (text: space-separated ids)
   mpirun -np 16 python tools/preprocess_data.py ...   (or srun: every rank takes a share of the input)
 
 Inputs: files, globs, directories; JSON lines (`.jsonl`, one document per line, --json-keys select the fields:
@@ -32,7 +35,6 @@ import sys
 
 from megatron_patch.data.corpus import BadInput
 from megatron_patch.data.preprocess import (
-    SENTENCEPIECE_TYPES,
     Job,
     ReportedOnRoot,
     Stopped,
@@ -40,6 +42,7 @@ from megatron_patch.data.preprocess import (
     process_group,
     raise_terminated,
 )
+from megatron_patch.tokenizer_spec import add_tokenizer_arguments
 
 
 def build_parser():
@@ -49,9 +52,7 @@ def build_parser():
                        help="files, globs or directories: .jsonl/.json (JSON lines) or .txt, optionally .gz/.zst")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize, one dataset each")
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                       help=f"one of {', '.join(SENTENCEPIECE_TYPES)} (all: a SentencePiece model, EOD = its eos id)")
-    group.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    add_tokenizer_arguments(group)
     group = parser.add_argument_group("tokenization process")
     group.add_argument("--append-eod", action="store_true", help="append the EOD id to every document")
     group.add_argument("--patch-size", type=int, default=1,
@@ -73,15 +74,10 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tokenizer_type not in SENTENCEPIECE_TYPES:
-        parser.error(f"--tokenizer-type {args.tokenizer_type}: not supported; this tool reads SentencePiece "
-                     f"models ({', '.join(SENTENCEPIECE_TYPES)})")
     if args.patch_size < 1:
         parser.error(f"--patch-size must be >= 1, got {args.patch_size}")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    if not os.path.isfile(args.tokenizer_model):
-        parser.error(f"--tokenizer-model: no such file: {args.tokenizer_model}")
     signal.signal(signal.SIGTERM, raise_terminated)
     prog = os.path.basename(sys.argv[0])
     try:
@@ -91,6 +87,9 @@ def main(argv=None):
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except (Stopped, ReportedOnRoot):
+        sys.exit(1)
+    except OSError as e:  # a full disk, an unwritable output directory: the file and the OS's reason
+        print(f"{prog}: error: {e} (unfinished outputs removed)", file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, Terminated) as e:
         print(f"{prog}: interrupted ({e or 'SIGINT'}): unfinished outputs removed", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from megatron_patch import parallel, tracker
+from megatron_patch.checkpoint import CheckpointSaveError
 from megatron_patch.config import ConfigError
 from megatron_patch.data.dataset import DataError
 from megatron_patch.engine import DeepSpeedTrainer
@@ -19,8 +20,9 @@ from megatron_patch.plan import phases_to_run
 from megatron_patch.train import Trainer, TrainingDiverged, pretrain
 
 
-def _fail(error: Exception, code: int):
-    print(f"pretrain_patch_gpt: error: {error}", file=sys.stderr)
+def _fail(error: Exception, code: int, say: bool = True):
+    if say:
+        print(f"pretrain_patch_gpt: error: {error}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -43,6 +45,8 @@ def main(argv=None) -> None:
         _fail(e, 2)
     except TrainingDiverged as e:
         _fail(e, 1)
+    except CheckpointSaveError as e:  # disk full, unwritable --save: every rank has the message, rank 0 says it
+        _fail(e, 1, say=parallel.is_rank_0())
     finally:
         parallel.destroy()
 

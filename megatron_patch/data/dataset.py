@@ -22,7 +22,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
-from megatron_patch.data.indexed import read_sidecar
+from megatron_patch.data.indexed import DatasetFormatError, check_dataset, read_sidecar
 
 
 class DataError(ValueError):
@@ -31,6 +31,15 @@ class DataError(ValueError):
 
 class NotPatchAlignedError(DataError):
     pass
+
+
+def checked_dataset(prefix: str) -> tuple:
+    """indexed.check_dataset's (header, tokens) of a --data-path dataset; DataError if its files disagree."""
+    try:
+        return check_dataset(prefix)
+    except (DatasetFormatError, OSError) as e:
+        raise DataError(f"--data-path {e}" if isinstance(e, DatasetFormatError) else f"--data-path {prefix}: {e}"
+                        ) from None
 
 
 class PatchView:
@@ -134,6 +143,8 @@ def build_datasets(
     train_data_range: Tuple[float, float] = (0.0, 1.0),
 ):
     """train/valid/test PatchGPTDatasets (None where a split is empty), via megatron-core's builder."""
+    for prefix in prefixes:
+        checked_dataset(prefix)
     config = PatchGPTDatasetConfig(
         random_seed=seed,
         sequence_length=num_patches,
@@ -156,10 +167,9 @@ def dataset_sizes(prefixes: List[str], weights: Optional[List[float]]) -> List[d
     """Fingerprint of a --data-path blend: weight, documents and tokens of each dataset."""
     sizes = []
     for i, prefix in enumerate(prefixes):
-        dataset = IndexedDataset(prefix)  # keep it alive: its lengths are a view of its memory map
-        lengths = dataset.sequence_lengths
-        sizes.append({"weight": weights[i] if weights else None, "documents": int(lengths.size),
-                      "tokens": int(lengths.sum(dtype="int64"))})
+        header, num_tokens = checked_dataset(prefix)
+        sizes.append({"weight": weights[i] if weights else None, "documents": header.num_sequences,
+                      "tokens": num_tokens})
     return sizes
 
 
@@ -167,6 +177,12 @@ def alignment_pad_id(prefixes: List[str], tokenizer) -> int:
     """The id preprocessing padded documents with (their sidecars; the tokenizer's pad id for datasets without
     one): labels equal to it get no loss. Datasets of one blend must agree."""
     sidecars = [read_sidecar(prefix) for prefix in prefixes]
+    for prefix, sidecar in zip(prefixes, sidecars):
+        written_with = (sidecar or {}).get("tokenizer_sha256")
+        if written_with and written_with != tokenizer.fingerprint:
+            raise DataError(f"--data-path {prefix}: tokenized with another tokenizer than this run's (its sidecar's "
+                            f"tokenizer_sha256 {written_with[:12]}..., this run's {tokenizer.fingerprint[:12]}...); "
+                            f"preprocess it with this tokenizer or pass the one it was made with")
     ids = {s["pad_id"] for s in sidecars if s and s.get("patch_size", 1) > 1}
     if len(ids) > 1:
         raise DataError(f"--data-path: the datasets were padded with different pad ids {sorted(ids)}; "

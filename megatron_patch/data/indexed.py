@@ -83,6 +83,41 @@ class IndexHeader:
         return _mapped(self.path, numpy.int64, self.document_indices_offset, self.num_documents + 1)
 
 
+def check_dataset(prefix: str) -> tuple:
+    """(index header, tokens) of the dataset `prefix` after checking that its files agree: the .idx parses, the .bin
+    holds exactly the tokens the index describes, and the sidecar (if any) says the same dtype, counts and patch
+    size. DatasetFormatError naming the file and what is wrong: a damaged dataset is refused before it is read,
+    not met as garbage samples or a crash deep in a data loader worker."""
+    header = IndexHeader(prefix + ".idx")
+    ends = header.document_indices()
+    if ends.size == 0 or ends[0] != 0 or ends[-1] != header.num_sequences:
+        raise DatasetFormatError(f"{prefix}.idx: damaged (its document index does not end at its "
+                                 f"{header.num_sequences} sequences)")
+    sidecar = read_sidecar(prefix) or {}
+    patch_size = sidecar.get("patch_size", 1)
+    num_tokens, misaligned = 0, 0
+    for lengths in _chunks(header.sequence_lengths()):
+        if lengths.size and lengths.min() < 0:
+            raise DatasetFormatError(f"{prefix}.idx: damaged (negative sequence lengths)")
+        num_tokens += int(lengths.sum(dtype=numpy.int64))
+        misaligned += int(numpy.count_nonzero(lengths % patch_size))
+    bin_size = os.path.getsize(prefix + ".bin")
+    if bin_size != num_tokens * header.dtype.itemsize:
+        raise DatasetFormatError(f"{prefix}.bin: {bin_size} bytes, its index describes "
+                                 f"{num_tokens * header.dtype.itemsize} ({num_tokens} {header.dtype.name} tokens): "
+                                 f"truncated or from another dataset")
+    actual = {"dtype": header.dtype.name, "num_sequences": header.num_sequences,
+              "num_documents": header.num_documents, "num_tokens": num_tokens}
+    wrong = [f"{key} {sidecar[key]} (the files: {value})" for key, value in actual.items()
+             if key in sidecar and sidecar[key] != value]
+    if misaligned:
+        wrong.append(f"patch_size {patch_size} ({misaligned} sequences of the files are not a multiple of it)")
+    if wrong:
+        raise DatasetFormatError(f"{sidecar_path(prefix)}: disagrees with {prefix}.bin/.idx: it says "
+                                 + ", ".join(wrong) + " (a stale sidecar, or files from another dataset)")
+    return header, num_tokens
+
+
 def _mapped(path: str, dtype, offset: int, count: int) -> numpy.ndarray:
     """`count` values at `offset` of a file, mapped rather than read (numpy cannot map zero bytes)."""
     return numpy.memmap(path, dtype, "r", offset, (count,)) if count else numpy.empty(0, dtype)
@@ -129,9 +164,9 @@ class DatasetWriter:
         self.dtype = numpy.dtype(dtype)
         os.makedirs(os.path.dirname(os.path.abspath(work_prefix)), exist_ok=True)
         # The index streams to two scratch files; close() assembles the .idx from them.
-        self._bin = open(work_prefix + ".bin", "wb")
-        self._lengths = open(work_prefix + ".lengths.tmp", "wb")
-        self._document_ends = open(work_prefix + ".docs.tmp", "wb")
+        self._bin = _NamedFile(work_prefix + ".bin")
+        self._lengths = _NamedFile(work_prefix + ".lengths.tmp")
+        self._document_ends = _NamedFile(work_prefix + ".docs.tmp")
         self.num_documents = 0
         self.num_sequences = 0
         self.num_tokens = 0
@@ -151,17 +186,11 @@ class DatasetWriter:
 
     def add_dataset(self, prefix: str) -> None:
         """Append a whole dataset, as megatron-core's IndexedDatasetBuilder.add_index does, streaming."""
-        header = IndexHeader(prefix + ".idx")
+        header, num_tokens = check_dataset(prefix)
         if header.dtype != self.dtype:
             raise DatasetFormatError(f"{prefix}: token dtype {header.dtype}, expected {self.dtype}")
-        num_tokens = 0
         for lengths in _chunks(header.sequence_lengths()):
             self._lengths.write(lengths.tobytes())
-            num_tokens += int(lengths.sum(dtype=numpy.int64))
-        bin_size = os.path.getsize(prefix + ".bin")
-        if bin_size != num_tokens * self.dtype.itemsize:
-            raise DatasetFormatError(f"{prefix}.bin: {bin_size} bytes, but its .idx describes {num_tokens} tokens "
-                                     f"of {self.dtype.itemsize} bytes")
         for ends in _chunks(header.document_indices()[1:]):
             self._document_ends.write((ends + self.num_sequences).tobytes())
         with open(prefix + ".bin", "rb") as f:
@@ -177,7 +206,7 @@ class DatasetWriter:
         for f in (self._bin, self._lengths, self._document_ends):
             f.close()
         lengths_path, ends_path = self.work_prefix + ".lengths.tmp", self.work_prefix + ".docs.tmp"
-        with open(self.work_prefix + ".idx", "wb") as idx:
+        with _NamedFile(self.work_prefix + ".idx") as idx:
             idx.write(_HEADER)
             idx.write(struct.pack("<QB", _VERSION, _CODE_OF_DTYPE[self.dtype]))
             idx.write(struct.pack("<QQ", self.num_sequences, self.num_documents + 1))
@@ -203,9 +232,8 @@ class DatasetWriter:
         self.close()
         meta = dict(metadata, dtype=self.dtype.name, num_documents=self.num_documents,
                     num_sequences=self.num_sequences, num_tokens=self.num_tokens)
-        with open(self.work_prefix + ".meta.json", "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with _NamedFile(self.work_prefix + ".meta.json") as f:
+            f.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         for suffix in SUFFIXES:
             _fsync(self.work_prefix + suffix)
         with _signals_held():
@@ -217,8 +245,46 @@ class DatasetWriter:
 
     def remove(self) -> None:
         for f in (self._bin, self._lengths, self._document_ends):
-            f.close()
+            f.discard()  # a full disk fails their last flush too: the files go anyway
         remove_dataset_files(self.work_prefix)
+
+
+class _NamedFile:
+    """A file written in binary whose OSErrors name it: a buffered write or close that fails (a full disk, a file
+    size limit) raises an OSError without the file name, which the one-line error must give."""
+
+    def __init__(self, path: str):
+        self.name = path
+        self._file = open(path, "wb")
+
+    def _named(self, error: OSError) -> OSError:
+        return error if error.filename else OSError(error.errno, error.strerror, self.name)
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            raise self._named(e) from None
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as e:
+            raise self._named(e) from None
+
+    def discard(self) -> None:
+        """Close, whatever the unwritten data's fate (the file is about to be removed)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+    def __enter__(self) -> "_NamedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def remove_dataset_files(prefix: str) -> None:

@@ -131,11 +131,14 @@ def run_script(script, *args, env):
                           env={"PATH": os.environ["PATH"], **env})
 
 
+TOKENIZER = "TOKENIZER_MODEL or VOCAB_FILE or VOCAB_SIZE"
+
+
 @pytest.mark.parametrize("script, args, missing", [
-    ("phase.sbatch", ["1"], "DATA_PATH, TOKENIZER_MODEL, CKPT_DIR, TRAIN_TOKENS or TRAIN_ITERS"),
-    ("phase.sbatch", ["--check"], "DATA_PATH, TOKENIZER_MODEL, CKPT_DIR, TRAIN_TOKENS or TRAIN_ITERS"),
-    ("preprocess.sbatch", [], "INPUT, OUTPUT_PREFIX, TOKENIZER_MODEL"),
-    ("submit_two_phase.sh", [], "DATA_PATH, TOKENIZER_MODEL, CKPT_DIR, TRAIN_TOKENS or TRAIN_ITERS"),
+    ("phase.sbatch", ["1"], f"DATA_PATH, {TOKENIZER}, CKPT_DIR, TRAIN_TOKENS or TRAIN_ITERS"),
+    ("phase.sbatch", ["--check"], f"DATA_PATH, {TOKENIZER}, CKPT_DIR, TRAIN_TOKENS or TRAIN_ITERS"),
+    ("preprocess.sbatch", [], f"INPUT, OUTPUT_PREFIX, {TOKENIZER}"),
+    ("submit_two_phase.sh", [], f"DATA_PATH, {TOKENIZER}, CKPT_DIR, TRAIN_TOKENS or TRAIN_ITERS"),
 ])
 def test_missing_settings_fail_before_any_work(script, args, missing):
     result = run_script(script, *args, env={})
@@ -159,3 +162,42 @@ def test_phase_script_outside_a_job_says_so():
     assert result.returncode == 2
     assert result.stderr == ("phase.sbatch: error: not inside a Slurm job: submit with sbatch (settings check only: "
                              "--check)\n")
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stands in for the training step: the phase summary of a run that stopped early, then the exit status asked for.
+echo '{"summary": {"iteration": 5, "train_iters": 10}}' >> "$CKPT_DIR/train.phase1.jsonl"
+exit "$FAKE_STATUS"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case "$1" in
+  show) echo n1 ;;
+  *) echo "$*" >> "$CKPT_DIR/scontrol.log" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("status, restarts, requeued, message", [
+    (0, 1, True, "requeueing job 77 (restart 2 of at most 3)"),
+    (0, 3, False, "stopped at iteration 5 of 10 after 3 restarts (MAX_RESTARTS=3): not requeueing"),
+    (0, 4, False, "job 77 was restarted 4 times (MAX_RESTARTS=3): stopping"),
+    (1, 0, False, "training failed (exit status 1): the job ends, not requeued"),
+], ids=["early_stop_requeues", "last_restart_stops", "requeued_by_slurm_too_often", "failed_step_ends_the_job"])
+def test_phase_job_requeues_a_bounded_number_of_times(tmp_path, status, restarts, requeued, message):
+    """phase.sbatch's retry logic, with srun and scontrol stood in for (a real Slurm: the pre-emption test above):
+    an early stop is requeued up to MAX_RESTARTS times, a failed step never, and the reason is in the job's log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    ckpt = tmp_path / "ckpt"
+    env = {"DATA_PATH": "data", "TOKENIZER_MODEL": "tok.model", "CKPT_DIR": str(ckpt), "TRAIN_ITERS": "10",
+           "PYTHON": PYTHON, "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_RESTART_COUNT": str(restarts), "MAX_RESTARTS": "3", "FAKE_STATUS": str(status)}
+    result = subprocess.run(["bash", f"{SLURM_DIR}/phase.sbatch", "1"], capture_output=True, text=True, cwd=ROOT,
+                            env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **env})
+    assert result.returncode == (0 if requeued else 1), result.stderr
+    assert message in result.stdout + result.stderr
+    log = ckpt / "scontrol.log"
+    assert (log.read_text() if log.exists() else "") == ("requeue 77\n" if requeued else "")

@@ -92,7 +92,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_and_resume_finishes(c
     ckpt = tmp_path / "ckpt"
     args = [PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, [
         "--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "704", "--save", str(ckpt),
-        "--load", str(ckpt), "--save-interval", "1"], steps=6)]
+        "--load", str(ckpt), "--save-interval", "1", "--ckpt-format", "torch"], steps=6)]
     proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, MASTER_PORT=str(free_port())),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard_in_progress = None

@@ -12,9 +12,10 @@ from helpers import PYTHON, ROOT, ensure_programs, run
 
 # Lowest first: a module imports only from its own layer or the ones before it (README.md, "Layout").
 LAYERS = [
-    ("config", ["config", "presets", "flags", "tracker", "runlog", "runs", "flops", "deepspeed_config", "plan"]),
+    ("config", ["config", "presets", "flags", "tracker", "runlog", "runs", "flops", "deepspeed_config", "plan",
+                "tokenizer_spec", "sweep"]),
     ("data", ["data.*", "hf_tokenizer"]),
-    ("method and model", ["patching", "compat.cpu", "attention", "model"]),
+    ("method and model", ["patching", "compat.cpu", "compat.torch_adam", "attention", "model"]),
     ("parallel and step", ["parallel", "step"]),
     ("checkpoint", ["checkpoint", "reshard", "hf_export"]),
     ("trainers", ["tracking", "train", "engine", "evaluation"]),
@@ -81,7 +82,8 @@ def test_no_import_cycles():
 
 
 @pytest.mark.parametrize("modules", [
-    ["megatron_patch.flags", "megatron_patch.plan", "megatron_patch.cli.plan", "megatron_patch.runlog"],
+    ["megatron_patch.flags", "megatron_patch.plan", "megatron_patch.cli.plan", "megatron_patch.runlog",
+     "megatron_patch.sweep", "megatron_patch.cli.sweep"],
     ["megatron_patch.cli.preprocess", "megatron_patch.cli.merge", "megatron_patch.cli.train_tokenizer"],
 ], ids=["plan", "preprocessing"])
 def test_login_node_paths_import_no_torch(modules):

@@ -8,7 +8,7 @@ from helpers import PYTHON, ROOT, TORCHRUN, run
 from megatron_patch.compat.cpu import _SHIMS, SKIP_ENV
 
 # One optimizer step of a tiny 2-stage pipeline (tied embeddings, RoPE, dropout) through megatron-core's DDP,
-# Adam with clipping, and its 1F1B schedule, on two processes.
+# Adam with clipping, and its 1F1B schedule, on two processes; then a torch_dist checkpoint of it.
 PROBE = """
 from megatron_patch import parallel
 from megatron_patch.config import ModelConfig, ParallelConfig
@@ -17,30 +17,41 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-layout = ParallelConfig(pipeline_model_parallel_size=2)
-parallel.initialize(layout, seed=1)
-cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2, max_position_embeddings=16,
-                  position_embedding_type="rope", hidden_dropout=0.1, attention_dropout=0.1)
-model = build_model(cfg, layout, 64, patch_size=2)
-ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
-opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, min_lr=0.0, clip_grad=1e-3), [ddp])
-tokens = torch.randint(0, 64, (2, 16))
-def step(data, model):
-    loss = model(tokens, None, None, labels=tokens)
-    return loss, lambda out: (out.sum(), torch.tensor(out.numel()), {})
-get_forward_backward_func()(forward_step_func=step, data_iterator=None, model=[ddp], num_microbatches=1,
-                            seq_length=8, micro_batch_size=2)
-opt.step()
-print("PROBE OK")
+import os
+from megatron.core import dist_checkpointing
+
+
+def main():
+    layout = ParallelConfig(pipeline_model_parallel_size=2)
+    parallel.initialize(layout, seed=1)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2, max_position_embeddings=16,
+                      position_embedding_type="rope", hidden_dropout=0.1, attention_dropout=0.1)
+    model = build_model(cfg, layout, 64, patch_size=2)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, min_lr=0.0, clip_grad=1e-3), [ddp])
+    tokens = torch.randint(0, 64, (2, 16))
+    def step(data, model):
+        loss = model(tokens, None, None, labels=tokens)
+        return loss, lambda out: (out.sum(), torch.tensor(out.numel()), {})
+    get_forward_backward_func()(forward_step_func=step, data_iterator=None, model=[ddp], num_microbatches=1,
+                                seq_length=8, micro_batch_size=2)
+    opt.step()
+    # A torch_dist checkpoint of the model (its writer synchronises CUDA first).
+    dist_checkpointing.save(model.sharded_state_dict(), os.environ["PROBE_CHECKPOINT"])
+    print("PROBE OK")
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer starts processes that import this module
+    main()
 """
 
 
 def _probe(skip=""):
-    with tempfile.NamedTemporaryFile("w", suffix=".py") as script:
+    with tempfile.NamedTemporaryFile("w", suffix=".py") as script, tempfile.TemporaryDirectory() as checkpoint:
         script.write(PROBE)
         script.flush()
         return run([*TORCHRUN, "--nproc-per-node", "2", script.name], check=False,
-                   env={SKIP_ENV: skip, "PYTHONPATH": ROOT}, timeout=300)
+                   env={SKIP_ENV: skip, "PYTHONPATH": ROOT, "PROBE_CHECKPOINT": checkpoint}, timeout=300)
 
 
 def test_megatron_core_trains_on_cpu_with_the_shims():

@@ -33,7 +33,8 @@ GPT2 = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
 ZERO3 = ["--deepspeed", "--deepspeed_config", f"{ROOT}/deepspeed_configs/zero3_fp32.json"]
 # name -> (processes, K, flags, tied, GPT-2 style): 2-step runs whose checkpoints are exported.
 RUNS = {
-    "llama_k4_tp2": (2, 4, TP2, False, False),  # phase 1 (K=4) read at K=1; SwiGLU's stride-2 TP split
+    # phase 1 (K=4) read at K=1; SwiGLU's stride-2 TP split; legacy per-rank files (the others: torch_dist)
+    "llama_k4_tp2": (2, 4, [*TP2, "--ckpt-format", "torch"], False, False),
     "llama_tied_pp2": (2, 1, PP2, True, False),  # tied: the last stage holds its own copy of the embedding
     "gpt2": (1, 1, [], False, True),
     "llama_zero3_dp2": (2, 1, ZERO3, False, False),  # DeepSpeed's consolidated fp32 weights

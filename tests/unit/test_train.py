@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import PYTHON, ROOT, free_port, phase_flags, run
-from megatron_patch import checkpoint, runlog, tracker
+from megatron_patch import reshard, runlog, tracker
 from megatron_patch.flags import parse_args
 from megatron_patch.train import Trainer
 
@@ -61,14 +61,14 @@ def test_phase2_starts_from_phase1_weights_with_a_fresh_optimizer(megatron_proce
     cfg.load = None  # the phase-2 run's own checkpoints are not what this test is about
     trainer = Trainer(cfg)
     trainer.load()
-    phase1 = checkpoint.load(str(two_phase["out"] / "phase1"))
-    assert phase1["iteration"] == 40 and phase1["config"]["patch_size"] == 4
+    root = str(two_phase["out"] / "phase1")
+    assert tracker.latest_iteration(root) == 40 and tracker.read_run(root, 40)["config"]["patch_size"] == 4
+    phase1 = reshard.full_state_dict(tracker.iteration_dir(root, 40), {})  # one process: names as in the model
     (model,) = trainer.models
-    ours = model.state_dict()
-    assert ours.keys() == phase1["model"].keys()
-    for name, tensor in phase1["model"].items():
-        if isinstance(tensor, torch.Tensor):
-            assert torch.equal(ours[name], tensor), name
+    ours = {name: tensor for name, tensor in model.state_dict().items() if isinstance(tensor, torch.Tensor)}
+    assert ours.keys() == phase1.keys()
+    for name, tensor in phase1.items():
+        assert torch.equal(ours[name], tensor), name
     assert len(trainer.optimizer.optimizer.state) == 0  # no Adam moments: a fresh optimizer
     assert trainer.scheduler.num_steps == 0 and trainer.iteration == 0 and trainer.consumed_samples == 0
 
@@ -76,7 +76,9 @@ def test_phase2_starts_from_phase1_weights_with_a_fresh_optimizer(megatron_proce
 def test_checkpoint_directory_has_megatron_layout_and_tracker(two_phase):
     root = two_phase["out"] / "phase1"
     assert tracker.latest_iteration(str(root)) == 40
-    assert (root / "iter_0000040" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    # torch_dist (the default): megatron-core's common state, metadata and every rank's .distcp shards
+    assert {"common.pt", "metadata.json", "run.json"} <= {p.name for p in (root / "iter_0000040").iterdir()}
+    assert list((root / "iter_0000040").glob("*.distcp"))
     assert not list(root.glob("*.tmp*"))
 
 

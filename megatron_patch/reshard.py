@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -123,7 +124,9 @@ def _torch_dist_full_state_dict(checkpoint_dir: str) -> dict:
               if key.startswith(_MODEL_PREFIXES) and isinstance(meta, TensorStorageMetadata)}
     if not wanted:
         raise FileNotFoundError(f"{checkpoint_dir}: a torch_dist checkpoint without model weights")
-    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(wanted, storage_reader=reader, no_dist=True)
     full = {}
     for key, tensor in wanted.items():
         if not key.startswith("decoder.layers."):

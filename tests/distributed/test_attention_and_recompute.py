@@ -1,6 +1,6 @@
 """Activation recompute and grouped-query attention across processes: full recompute under tensor and pipeline
-parallelism gives the steps of the same layout without it; a grouped-query model trains at TP=2 as in one process
-(each rank holds whole key/value groups), and its checkpoint reshards TP=2 -> TP=1."""
+parallelism gives the steps of the same layout without it; a grouped-query model trains at TP=2 and PP=2 as in one
+process (each TP rank holds whole key/value groups), and its checkpoint reshards TP=2 -> TP=1."""
 
 import itertools
 
@@ -37,6 +37,12 @@ def gqa_tp2(corpus, tmp_path_factory):
 
 def test_grouped_query_attention_at_tp2_matches_one_process(corpus, tmp_path, gqa_tp2):
     assert_same_run(train_losses(corpus, tmp_path, 4, 1, GQA), gqa_tp2[0])
+
+
+def test_grouped_query_attention_at_pp2_matches_one_process(corpus, tmp_path, gqa_tp2):
+    """Both from the TP=2 run's weights (pipeline stages would seed their own layers)."""
+    flags = [*GQA, "--pretrained-checkpoint", gqa_tp2[1]]
+    assert_same_run(train_losses(corpus, tmp_path, 4, 1, flags), train_losses(corpus, tmp_path, 4, 2, [*flags, *PP2]))
 
 
 def _first_step_loss(corpus, out, layout, pretrained):

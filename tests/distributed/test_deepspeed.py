@@ -166,3 +166,10 @@ def test_a_two_phase_plan_under_deepspeed_gives_the_plan_without(corpus, tmp_pat
     with_zero2 = phase_losses(tmp_path / "zero2", launcher(2), zero(2))
     for ours, theirs in zip(without, with_zero2):
         assert len(ours) == len(theirs) > 1 and ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_full_recompute_under_zero1_gives_the_steps_of_one_process(corpus, tmp_path, reference):
+    """megatron-core's activation recompute inside a DeepSpeed engine (ZeRO-1, DP=2)."""
+    recompute = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    series = train_losses(corpus, tmp_path, 4, 2, [*zero(1), *recompute], STEPS)
+    assert_same_run(reference[4][0], series)

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from helpers import PP2, TP2, assert_same_run, launcher, phase_flags, run, train_losses
+from helpers import PP2, TP2, assert_same_run, launcher, phase_flags, run, train_losses, train_run
 from megatron_patch import checkpoint, runlog, tracker
 
 DISTOPT = ["--use-distributed-optimizer"]
@@ -18,15 +18,24 @@ def one_process(corpus, tmp_path_factory):
     return train_losses(corpus, tmp_path_factory.mktemp("one"), 4, 1)
 
 
-@pytest.mark.parametrize("nproc,flags", [(2, OVERLAPS), (4, [*TP2, *DISTOPT])], ids=["dp2_overlaps", "tp2_dp2"])
-def test_distributed_optimizer_gives_the_steps_of_one_process(corpus, tmp_path, one_process, nproc, flags):
-    assert_same_run(one_process, train_losses(corpus, tmp_path, 4, nproc, flags))
-
-
 def _held_parameters(stdout):
+    """(parameters whose optimizer state rank 0 holds, parameters of its model-parallel rank), as the run logged."""
     held, total = re.search(r"optimizer state .* on rank 0: ([\d,]+) of this model-parallel rank's ([\d,]+)",
                             stdout).groups()
     return int(held.replace(",", "")), int(total.replace(",", ""))
+
+
+@pytest.mark.parametrize("nproc,flags,data_parallel", [(2, OVERLAPS, 2), (4, [*TP2, *DISTOPT], 2)],
+                         ids=["dp2_overlaps", "tp2_dp2"])
+def test_distributed_optimizer_gives_the_steps_of_one_process(corpus, tmp_path, one_process, nproc, flags,
+                                                              data_parallel):
+    """The same steps, and each data-parallel rank holds the optimizer state of 1/DP of the parameters."""
+    series, stdout = train_run(corpus, tmp_path, 4, flags, launch=launcher(nproc))
+    assert_same_run(one_process, series)
+    held, total = _held_parameters(stdout)
+    print(f"rank 0 holds the optimizer state of {held:,} of {total:,} parameters ({8 * held:,} bytes of fp32 "
+          f"Adam moments against {8 * total:,} without the distributed optimizer)")
+    assert held == pytest.approx(total / data_parallel, rel=0.01)
 
 
 def _run(corpus, out, nproc, extra, steps, log):
@@ -34,18 +43,10 @@ def _run(corpus, out, nproc, extra, steps, log):
                                                                          steps)])
 
 
-def test_each_data_parallel_rank_holds_half_the_optimizer_state(corpus, tmp_path):
-    plain = _held_parameters(_run(corpus, tmp_path, 2, [], 2, str(tmp_path / "a.jsonl")).stdout)
-    sharded = _held_parameters(_run(corpus, tmp_path, 2, DISTOPT, 2, str(tmp_path / "b.jsonl")).stdout)
-    print(f"parameters with optimizer state on rank 0: plain {plain[0]:,}, distributed {sharded[0]:,} "
-          f"({4 * 2 * sharded[0]:,} bytes of Adam moments in fp32 against {4 * 2 * plain[0]:,})")
-    assert plain[0] == plain[1] == sharded[1]
-    assert sharded[0] == pytest.approx(plain[0] / 2, rel=0.01)
-
-
-@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
-def test_distributed_optimizer_resumes_bitwise(corpus, tmp_path, ckpt_format):
-    """Stopped and saved at step 3 (with dropout), resumed to step 6: the steps of the run that never stopped."""
+def test_distributed_optimizer_resumes_bitwise(corpus, tmp_path):
+    """Stopped and saved at step 3 (with dropout), resumed to step 6: the steps of the run that never stopped. (The
+    legacy format's distrib_optim.pt: the conversion test.)"""
+    ckpt_format = "torch_dist"
     def steps(name, extra, count):
         log = str(tmp_path / f"{name}.jsonl")
         _run(corpus, tmp_path, 2, [*OVERLAPS, "--hidden-dropout", "0.1", "--ckpt-format", ckpt_format,
@@ -78,11 +79,12 @@ def test_torch_dist_checkpoint_loads_into_other_layouts_with_the_same_next_step(
 
 
 def test_conversion_between_formats_round_trips(corpus, tmp_path):
-    """legacy -> torch_dist -> legacy by resuming at the checkpoint's iteration with the other --ckpt-format: the same
-    weights and optimizer state come back, and the torch_dist copy continues with the legacy one's next step."""
+    """legacy -> torch_dist -> legacy by resuming at the checkpoint's iteration with the other --ckpt-format (with
+    the distributed optimizer: its distrib_optim.pt and its torch_dist form): the same weights and optimizer state
+    come back, and the torch_dist copy continues with the legacy one's next step."""
     def convert(source, target, ckpt_format, steps=3, extra=()):
         log = str(tmp_path / f"{target}.jsonl")
-        _run(corpus, tmp_path, 1, ["--ckpt-format", ckpt_format, "--load", str(tmp_path / source),
+        _run(corpus, tmp_path, 1, [*DISTOPT, "--ckpt-format", ckpt_format, "--load", str(tmp_path / source),
                                    "--save", str(tmp_path / target), *extra], steps, log)
         return runlog.steps(log)
 
@@ -93,6 +95,9 @@ def test_conversion_between_formats_round_trips(corpus, tmp_path):
                    for name in ("legacy", "back"))
     for key in ("model", "optimizer", "iteration", "consumed_samples", "opt_param_scheduler"):
         assert_equal_trees(first[key], back[key])
+    first, back = (torch.load(str(tmp_path / name / "iter_0000003" / "mp_rank_00" / "distrib_optim.pt"))
+                   for name in ("legacy", "back"))
+    assert_equal_trees(first, back)
     from_legacy = convert("legacy", "next_legacy", "torch", 4)[4]
     from_dist = convert("dist", "next_dist", "torch", 4)[4]
     assert all(from_legacy[key] == from_dist[key] for key in ("loss", "grad_norm", "microbatch_losses", "lr"))
@@ -100,7 +105,7 @@ def test_conversion_between_formats_round_trips(corpus, tmp_path):
 
 def assert_equal_trees(a, b):
     if isinstance(a, dict):
-        assert sorted(a) == sorted(b)
+        assert a.keys() == b.keys()
         for key in a:
             assert_equal_trees(a[key], b[key])
     elif isinstance(a, (list, tuple)):

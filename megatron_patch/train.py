@@ -133,7 +133,8 @@ class Trainer:
         """Model, optimizer and training state from --load's checkpoint at `iteration`, in either format; a
         torch_dist checkpoint loads into any layout (the RNG streams only into the one that wrote it)."""
         directory = tracker.iteration_dir(self.cfg.load, iteration)
-        if reshard.is_torch_dist(directory):
+        torch_dist = reshard.is_torch_dist(directory)
+        if torch_dist:
             saved = tracker.read_run(self.cfg.load, iteration)["config"]["parallel"]
             same_layout = all(saved[k] == getattr(self.cfg.parallel, k) for k in checkpoint.MODEL_PARALLEL_LAYOUT)
             state = checkpoint.load_torch_dist(directory, self.sharded_state_dict(is_loading=True, rng=same_layout))
@@ -144,7 +145,7 @@ class Trainer:
         for i, model in enumerate(self.models):
             model.load_state_dict(state[checkpoint.model_key(i, len(self.models))])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.cfg.parallel.use_distributed_optimizer and not reshard.is_torch_dist(directory):
+        if self.cfg.parallel.use_distributed_optimizer and not torch_dist:
             with torch.no_grad():  # fp32 training: the optimizer's main weights are views of the model's
                 self.optimizer.load_parameter_state(checkpoint.shard_file(directory, checkpoint.DISTRIB_OPTIM))
         self.restore_training_state(state)
@@ -298,9 +299,9 @@ class Trainer:
             self._allocate_distributed_optimizer_state()
         state["optimizer"] = self.optimizer.sharded_state_dict(models, is_loading=is_loading,
                                                                metadata=checkpoint.OPTIMIZER_SHARDING)
-        state["rng_state"] = checkpoint.rng_object(state["rng_state"])
-        if not rng:
-            del state["rng_state"]
+        rng_states = state.pop("rng_state")
+        if rng:
+            state["rng_state"] = checkpoint.rng_object(rng_states)
         return state
 
     # -- data ------------------------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ class MergeError(Exception):
 
 
 def dataset_prefixes(inputs):
-    """The dataset prefixes `inputs` name: a directory stands for every dataset in it, by name."""
+    """The dataset prefixes `inputs` name: a directory stands for every dataset in it, by name, unless the name is
+    itself a dataset prefix (megatron-core caches sample indices in a directory named like the prefix)."""
     prefixes = []
     for name in inputs:
-        if os.path.isdir(name):
+        if os.path.isdir(name) and not os.path.isfile(name + ".idx"):
             found = sorted(os.path.join(name, f[: -len(".idx")]) for f in os.listdir(name) if f.endswith(".idx"))
             if not found:
                 raise MergeError(f"--input: no .idx files in {name}")

@@ -450,6 +450,8 @@ def test_merged_datasets_equal_one_run_over_the_concatenated_input(corpus, tmp_p
     result = run([PYTHON, MERGE, "--input", str(tmp_path / "parts"), "--output-prefix", str(tmp_path / "merged")])
     assert "merged 2 datasets: 160 documents" in result.stdout
     assert_same_files(tmp_path / "merged", tmp_path / "whole_text_document", (".bin", ".idx", ".meta.json"))
+    # training caches sample indices in <prefix>/cache/: the prefix still names the dataset, not that directory
+    (tmp_path / "parts" / "a_text_document" / "cache").mkdir(parents=True)
     run([PYTHON, MERGE, "--input", str(tmp_path / "parts" / "a_text_document"),
          str(tmp_path / "parts" / "b_text_document"), "--output-prefix", str(tmp_path / "listed")])
     assert_same_files(tmp_path / "listed", tmp_path / "merged", (".bin", ".idx", ".meta.json"))

@@ -20,6 +20,9 @@ PYTHON = sys.executable
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone"]
 TINY = ["--model-preset", "tiny"]  # the LLaMA-style model of every end-to-end test (presets.py)
 TIED = ["--no-untie-embeddings-and-output-weights"]
+# The default checkpoint format. The short runs save Megatron-LM's legacy per-rank files unless a test asks for
+# torch_dist: on CPU its writer costs each process ~5 s (a helper process imports torch to collect the results).
+TORCH_DIST = ["--ckpt-format", "torch_dist"]
 
 TP2 = ["--tensor-model-parallel-size", "2"]
 PP2 = ["--pipeline-model-parallel-size", "2"]
@@ -54,11 +57,13 @@ def launcher(nproc):
 
 def phase_flags(corpus, out, k, extra=(), steps=4, tied=False):
     """pretrain_patch_gpt flags for a short run of the tiny model: 8 samples of 32 patches per step (with `tied`,
-    input and output embeddings shared). Later occurrences of a flag in `extra` win."""
+    input and output embeddings shared), checkpoints in the legacy format (TORCH_DIST). Later occurrences of a flag
+    in `extra` win."""
     return [*TINY, *(TIED if tied else []), "--patch-size", str(k), "--seq-length", str(32 * k),
             "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(steps), "--lr", "3e-3",
             "--lr-warmup-iters", "1", "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"],
-            "--data-cache-path", str(out / "cache"), "--eval-interval", "1000", "--eval-iters", "1", *extra]
+            "--data-cache-path", str(out / "cache"), "--eval-interval", "1000", "--eval-iters", "1",
+            "--ckpt-format", "torch", *extra]
 
 
 def train_losses(corpus, out, k, nproc, extra=(), steps=4):

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from helpers import PP2, TP2, assert_same_run, launcher, phase_flags, run, train_losses, train_run
+from helpers import PP2, TORCH_DIST, TP2, assert_same_run, launcher, phase_flags, run, train_losses, train_run
 from megatron_patch import checkpoint, runlog, tracker
 
 DISTOPT = ["--use-distributed-optimizer"]
@@ -66,7 +66,7 @@ def test_torch_dist_checkpoint_loads_into_other_layouts_with_the_same_next_step(
     """Written at TP=2 x PP=2 with the distributed optimizer; step 4 resumed from iteration 3 at TP=1 and at
     PP=2 x DP=2 (the optimizer state resharded too) equals step 4 of the run that wrote it."""
     saved = tmp_path / "tp2_pp2"
-    _run(corpus, tmp_path, 4, [*TP2, *PP2, *DISTOPT, "--save", str(saved), "--save-interval", "3"], 4,
+    _run(corpus, tmp_path, 4, [*TP2, *PP2, *DISTOPT, *TORCH_DIST, "--save", str(saved), "--save-interval", "3"], 4,
          str(tmp_path / "tp2_pp2.jsonl"))
     reference = runlog.steps(str(tmp_path / "tp2_pp2.jsonl"))[4]["loss"]
     tracker.write_tracker(str(saved), 3)  # as if the run had stopped after iteration 3

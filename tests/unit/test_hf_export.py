@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
 
-from helpers import PP2, PYTHON, ROOT, TINY, TP2, launcher, phase_flags, run, train_run
+from helpers import PP2, PYTHON, ROOT, TINY, TORCH_DIST, TP2, launcher, phase_flags, run, train_run
 from megatron_patch import hf_export, reshard, tracker
 from megatron_patch.cli import export_hf, import_hf
 from megatron_patch.config import ModelConfig, ParallelConfig, padded_vocab_size
@@ -33,10 +33,11 @@ GPT2 = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
 ZERO3 = ["--deepspeed", "--deepspeed_config", f"{ROOT}/deepspeed_configs/zero3_fp32.json"]
 # name -> (processes, K, flags, tied, GPT-2 style): 2-step runs whose checkpoints are exported.
 RUNS = {
-    # phase 1 (K=4) read at K=1; SwiGLU's stride-2 TP split; legacy per-rank files (the others: torch_dist)
-    "llama_k4_tp2": (2, 4, [*TP2, "--ckpt-format", "torch"], False, False),
+    # phase 1 (K=4) read at K=1; SwiGLU's stride-2 TP split (these three: legacy per-rank files, which the import
+    # test compares shard by shard)
+    "llama_k4_tp2": (2, 4, TP2, False, False),
     "llama_tied_pp2": (2, 1, PP2, True, False),  # tied: the last stage holds its own copy of the embedding
-    "gpt2": (1, 1, [], False, True),
+    "gpt2": (1, 1, TORCH_DIST, False, True),  # torch_dist: read without a process group
     "llama_zero3_dp2": (2, 1, ZERO3, False, False),  # DeepSpeed's consolidated fp32 weights
     # grouped-query attention (4 heads, 2 key/value groups): one group per TP rank
     "llama_gqa_tp2": (2, 1, [*TP2, "--group-query-attention", "--num-query-groups", "2"], False, False),
@@ -286,9 +287,9 @@ def test_import_in_the_trained_layout_writes_the_trained_shards(corpus, trained,
     assert code == 0, err
     vocab = SentencePieceTokenizer(corpus["tokenizer"]).vocab_size
     imported = hf_export.locate_checkpoint(str(tmp_path / "ckpt"))
-    for shard in sorted(os.listdir(saved.directory)):
-        if not shard.startswith("mp_rank_"):
-            continue
+    shards = sorted(shard for shard in os.listdir(saved.directory) if shard.startswith("mp_rank_"))
+    assert len(shards) == tp * pp
+    for shard in shards:
         ours = torch.load(os.path.join(saved.directory, shard, "model_optim_rng.pt"), weights_only=False)["model"]
         theirs = torch.load(os.path.join(imported.directory, shard, "model_optim_rng.pt"), weights_only=False)["model"]
         assert theirs.keys() == ours.keys(), shard

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from helpers import PYTHON, ROOT, free_port, phase_flags, run
+from helpers import PYTHON, ROOT, TORCH_DIST, free_port, phase_flags, run
 from megatron_patch import reshard, runlog, tracker
 from megatron_patch.flags import parse_args
 from megatron_patch.train import Trainer
@@ -34,7 +34,7 @@ def two_phase(corpus, tmp_path_factory):
     the same 1024 tokens per step, phase 2 starting from phase 1's weights."""
     out = tmp_path_factory.mktemp("two_phase")
     run([PYTHON, "pretrain_patch_gpt.py", *sized_flags(corpus, out, 4, 128, 8, 40, [
-        "--save", str(out / "phase1"), "--log-json", str(out / "phase1.jsonl")])])
+        *TORCH_DIST, "--save", str(out / "phase1"), "--log-json", str(out / "phase1.jsonl")])])
     phase2 = sized_flags(corpus, out, 1, 32, 32, 40, [
         "--pretrained-checkpoint", str(out / "phase1"), "--save", str(out / "phase2"), "--load", str(out / "phase2"),
         "--log-json", str(out / "phase2.jsonl")])
@@ -129,11 +129,12 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_finishes(corpus
     stopped = steps[-1]["iteration"]
     assert 5 <= stopped < 300 and f"stopping after iteration {stopped}: received SIGTERM" in stdout
     assert tracker.latest_iteration(str(ckpt)) == stopped
-    resumed = run(args)
+    # Resumed for 3 more steps (the next iteration divisible by stopped + 3), not the remaining ~290.
+    resumed = run([*args, "--exit-interval", str(stopped + 3)])
     assert f"resumed from {ckpt} at iteration {stopped}" in resumed.stdout
     iterations = [s["iteration"] for s in read_log(log)[0]]
-    assert iterations == list(range(1, 301))  # every step exactly once, up to the planned count
-    assert tracker.latest_iteration(str(ckpt)) == 300
+    assert iterations == list(range(1, stopped + 4))  # every step exactly once
+    assert tracker.latest_iteration(str(ckpt)) == stopped + 3
 
 
 def test_exit_interval_stops_after_a_divisible_iteration(corpus, tmp_path):

@@ -39,7 +39,6 @@ import re
 import shutil
 from typing import Optional
 
-import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, GenerationConfig, GPT2Config, LlamaConfig, PretrainedConfig
@@ -395,13 +394,6 @@ def model_config(values: dict) -> ModelConfig:
     return ModelConfig(**{f.name: values[f.name] for f in dataclasses.fields(ModelConfig) if f.name in values})
 
 
-def tokenizer_info(tokenizer_model: str):
-    """(vocabulary size, bos/eos/pad ids for an HF config) of a SentencePiece model."""
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
-    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
-    return sp.get_piece_size(), {key: (i if i >= 0 else None) for key, i in ids.items()}
-
-
 @dataclasses.dataclass
 class SavedCheckpoint:
     """A complete checkpoint iteration of any layout (DeepSpeed's consolidated weights included)."""
@@ -546,12 +538,15 @@ def staged_directory(out: str, overwrite: bool):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def import_config(model: ModelConfig, tp: int, pp: int, tokenizer_model: str) -> dict:
+def import_config(model: ModelConfig, tp: int, pp: int, tokenizer: TokenizerSpec) -> dict:
     """The run config (TrainingConfig dict) a checkpoint imported from HF records: the model, the layout, the
-    tokenizer; the rest defaults (only the model shape and the tokenizer are checked by a hand-off)."""
+    tokenizer (file paths absolute); the rest defaults (only the model shape and the tokenizer are checked by a
+    hand-off)."""
+    files = {name: os.path.abspath(getattr(tokenizer, name)) for name in ("tokenizer_model", "vocab_file", "merge_file")
+             if getattr(tokenizer, name) is not None}
     return to_dict(TrainingConfig(
         model=model, parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-        data=DataConfig(tokenizer_model=os.path.abspath(tokenizer_model)),
+        data=DataConfig(**dataclasses.asdict(dataclasses.replace(tokenizer, **files))),
         seq_length=model.max_position_embeddings or TrainingConfig.seq_length))
 
 

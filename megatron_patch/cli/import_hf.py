@@ -2,13 +2,14 @@
 checkpoint of this project, in the parallel layout the next run uses.
 
   python tools/import_hf.py hf/llama ckpt/from_hf --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 \\
-      [--tokenizer-model tok.model] [--overwrite]
+      [--tokenizer-type TYPE --tokenizer-model ...] [--overwrite]
 
 Reads config.json and model.safetensors (or pytorch_model.bin, weights only; sharded files with their index) and
 writes `OUT/iter_0000000/mp_rank_*/model_optim_rng.pt` sharded as megatron-core shards that layout, run.json (the
 model config and the tokenizer's sha256) and the tracker, then prints the pretrain_patch_gpt.py flags that start
-from it (`--pretrained-checkpoint OUT`: its weights, a fresh optimizer and LR schedule). The trainer reads
-SentencePiece tokenizers: the HF directory's tokenizer.model, or --tokenizer-model. OUT is written as
+from it (`--pretrained-checkpoint OUT`: its weights, a fresh optimizer and LR schedule). The tokenizer: the
+tokenizer flags given (any --tokenizer-type, as the trainer takes them), else the HF directory's own: its
+tokenizer.model (SentencePiece) if it has one, else its tokenizer.json (HuggingFaceTokenizer). OUT is written as
 OUT.tmp-<pid> and renamed when complete; an existing OUT is kept unless --overwrite.
 """
 
@@ -21,7 +22,15 @@ import shlex
 from megatron_patch import hf_export, reshard
 from megatron_patch.cli.export_hf import OneLineErrorParser, fail
 from megatron_patch.config import ModelConfig
+from megatron_patch.data.tokenizer import build_tokenizer
 from megatron_patch.flags import FLAGS
+from megatron_patch.tokenizer_spec import (
+    FIELDS,
+    TOKENIZER_FLAGS,
+    TokenizerError,
+    TokenizerSpec,
+    add_tokenizer_arguments,
+)
 
 PROG = "import_hf.py"
 
@@ -32,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", metavar="OUT", help="checkpoint directory to write")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of the checkpoint (default 1)")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP of the checkpoint (default 1)")
-    parser.add_argument("--tokenizer-model", help="SentencePiece model (default: HF_DIR/tokenizer.model)")
+    add_tokenizer_arguments(parser.add_argument_group(
+        "tokenizer (default: HF_DIR/tokenizer.model as SentencePiece, else HF_DIR's tokenizer.json)"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     return parser
 
@@ -55,6 +65,36 @@ def model_flags(model: ModelConfig) -> list:
     return args
 
 
+def hf_dir_tokenizer(args) -> TokenizerSpec:
+    """The tokenizer flags given, else the HF directory's own tokenizer (checked)."""
+    given = TokenizerSpec.of(args)
+    if not any(getattr(given, name) for name in FIELDS):
+        if os.path.isfile(os.path.join(args.hf_dir, "tokenizer.model")):
+            given = TokenizerSpec(tokenizer_model=os.path.join(args.hf_dir, "tokenizer.model"))
+        elif os.path.isfile(os.path.join(args.hf_dir, "tokenizer.json")):
+            given = TokenizerSpec("HuggingFaceTokenizer", args.hf_dir)
+        else:
+            raise hf_export.ExportError(f"no tokenizer.model or tokenizer.json in {args.hf_dir}: give the tokenizer "
+                                        "flags (--tokenizer-type, --tokenizer-model, ...)")
+    try:
+        return given.resolved()
+    except TokenizerError as e:
+        raise hf_export.ExportError(str(e)) from None
+
+
+def tokenizer_flags(spec: TokenizerSpec) -> list:
+    """The trainer's flags for `spec` (file paths absolute)."""
+    args = []
+    for flag, name, _, kwargs in TOKENIZER_FLAGS:
+        value = getattr(spec, name)
+        if kwargs.get("action") == "store_true":
+            args += [flag] if value else []
+        elif value is not None:
+            args += [flag, os.path.abspath(value) if name in ("tokenizer_model", "vocab_file", "merge_file")
+                     else str(value)]
+    return args
+
+
 def import_model(args) -> str:
     """Write the checkpoint; returns what to print. ExportError on bad input."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -62,23 +102,20 @@ def import_model(args) -> str:
     config = hf_export.read_hf_config(args.hf_dir)
     model = hf_export.model_of_hf(config)
     hf_export.check_layout(model, tp, pp)
-    tokenizer = args.tokenizer_model or os.path.join(args.hf_dir, "tokenizer.model")
-    if not os.path.isfile(tokenizer):
-        raise hf_export.ExportError(f"no SentencePiece tokenizer {tokenizer} (the trainer reads SentencePiece "
-                                    "models: give --tokenizer-model)")
-    vocab_size, _ = hf_export.tokenizer_info(tokenizer)
+    spec = hf_dir_tokenizer(args)
+    vocab_size = build_tokenizer(spec).vocab_size
     full, model = hf_export.hf_to_megatron(hf_export.read_hf_weights(args.hf_dir), config)
     rows = full[hf_export.EMBEDDING].size(0)
     if rows < vocab_size:
-        raise hf_export.ExportError(f"the model's {rows}-row vocabulary is smaller than {tokenizer}'s {vocab_size} "
-                                    "pieces: another tokenizer?")
+        raise hf_export.ExportError(f"the model's {rows}-row vocabulary is smaller than the {spec.type}'s "
+                                    f"{vocab_size} ids: another tokenizer?")
     for name in reshard.VOCAB_ROWS:  # rows past the tokenizer's never occur in its data
         if name in full:
             full[name] = full[name][:vocab_size]
-    cfg = hf_export.import_config(model, tp, pp, tokenizer)
+    cfg = hf_export.import_config(model, tp, pp, spec)
     with hf_export.staged_directory(args.out, args.overwrite) as staging:
         hf_export.write_checkpoint(full, cfg, staging, tp, pp)
-    flags = [*model_flags(model), "--tokenizer-model", os.path.abspath(tokenizer), "--pretrained-checkpoint",
+    flags = [*model_flags(model), *tokenizer_flags(spec), "--pretrained-checkpoint",
              os.path.abspath(args.out), "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size",
              str(pp)]
     return "\n".join([

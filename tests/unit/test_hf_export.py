@@ -26,6 +26,7 @@ from megatron_patch.data.tokenizer import SentencePieceTokenizer
 from megatron_patch.flags import parse_args
 from megatron_patch.model import build_model, transformer_config
 from megatron_patch.presets import preset_model
+from megatron_patch.tokenizer_spec import TokenizerSpec
 
 TOLERANCE = 1e-5
 # GPT-2 style: Megatron's defaults (LayerNorm, GELU, learned positions, biases, tied) at the tiny size.
@@ -358,8 +359,8 @@ def test_export_refuses_bad_input_with_one_line(megatron_process, corpus, traine
     # RMSNorm with a GELU MLP: no HF class. (Written by write_checkpoint: no run needed to refuse it.)
     cfg = preset_model("tiny", max_position_embeddings=32, swiglu=False)
     full = _randomised(build_model(cfg, ParallelConfig(), 1024, 1))
-    hf_export.write_checkpoint(full, hf_export.import_config(cfg, 1, 1, corpus["tokenizer"]),
-                               str(tmp_path / "rms_gelu"), 1, 1)
+    tokenizer = TokenizerSpec(tokenizer_model=corpus["tokenizer"])
+    hf_export.write_checkpoint(full, hf_export.import_config(cfg, 1, 1, tokenizer), str(tmp_path / "rms_gelu"), 1, 1)
     code, _, err = cli(export_hf.main, [tmp_path / "rms_gelu", out], capsys)
     _assert_refused(code, err, out, "no HuggingFace model class computes this model (RMSNorm, GELU MLP")
     assert not out.exists()
@@ -401,7 +402,10 @@ def test_import_refuses_bad_input_with_one_line(corpus, exported, tmp_path, caps
         _assert_refused(code, err, out, message)
     plain = variant("plain", "llama_k4_tp2")
     code, _, err = cli(import_hf.main, [plain, out], capsys)
-    _assert_refused(code, err, out, "tokenizer.model (the trainer reads SentencePiece models: give --tokenizer-model)")
+    _assert_refused(code, err, out, f"no tokenizer.model or tokenizer.json in {plain}: give the tokenizer flags")
+    code, _, err = cli(import_hf.main, [plain, out, "--tokenizer-type", "GPT2BPETokenizer"], capsys)
+    _assert_refused(code, err, out, "--tokenizer-type GPT2BPETokenizer needs --vocab-file (vocab.json) and "
+                    "--merge-file (merges.txt)")
     code, _, err = cli(import_hf.main, [plain, out, *tok, "--tensor-model-parallel-size", "3"], capsys)
     _assert_refused(code, err, out, "--tensor-model-parallel-size 3 must divide the 4 attention heads")
     assert not out.exists()

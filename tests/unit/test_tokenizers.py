@@ -1,8 +1,8 @@
 """Every --tokenizer-type end to end: tools/preprocess_data.py writes the bytes Megatron-LM's pipeline writes with
 megatron-core's tokenizer of that type, patch-aligned output, int32 datasets past 65,535 ids, one-line errors for a
 tokenizer that does not fit its type, the fingerprint, and training (and a refused resume) on an HF-tokenized
-dataset. The tokenizers are built offline: a byte-level BPE trained here (tools/train_tokenizer.py --type bpe),
-GPT-2 vocab.json/merges.txt written from it, and NullTokenizer ids from it."""
+dataset, exported to HF and imported back. The tokenizers are built offline: a byte-level BPE trained here
+(tools/train_tokenizer.py --type bpe), GPT-2 vocab.json/merges.txt written from it, and NullTokenizer ids from it."""
 
 import hashlib
 import json
@@ -10,13 +10,15 @@ import shutil
 
 import numpy
 import pytest
+import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizer
 
 from helpers import PYTHON, ROOT, phase_flags, run
+from megatron_patch import hf_export
+from megatron_patch.cli import import_hf
 from megatron_patch.data.indexed import read_sidecar
 from megatron_patch.data.tokenizer import build_tokenizer
-from megatron_patch.flags import FLAGS
 from megatron_patch.tokenizer_spec import TokenizerSpec
 
 PREPROCESS = "tools/preprocess_data.py"
@@ -178,13 +180,11 @@ def test_fingerprints_tell_every_tokenizer_apart(corpus, tokenizers_dir, tmp_pat
     assert TokenizerSpec(tokenizer_model=str(tmp_path / "moved")).fingerprint() != prints["hf"]
 
 
-def test_trains_from_hf_dataset_and_refuses_resume_with_another_tokenizer(corpus, tokenizers_dir, tmp_path):
+def test_trains_from_hf_dataset_and_refuses_resume_with_another_tokenizer(corpus, tokenizers_dir, tmp_path, capsys):
     d = tokenizers_dir
     preprocess(corpus["jsonl"], tmp_path / "hf", "--tokenizer-model", str(d / "bpe"), "--patch-size", "4")
     data = ["--data-path", str(tmp_path / "hf_text_document"), "--tokenizer-model", str(d / "bpe")]
     ckpt = ["--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt")]
-    if "--ckpt-format" in {flag.name for flag in FLAGS}:  # the per-rank files tools/export_hf.py reads
-        ckpt += ["--ckpt-format", "torch"]
     result = run([PYTHON, f"{ROOT}/pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, [*data, *ckpt], steps=3)])
     assert "iteration      3/3" in result.stdout
     run_json = json.load(open(tmp_path / "ckpt" / "iter_0000003" / "run.json"))
@@ -198,6 +198,18 @@ def test_trains_from_hf_dataset_and_refuses_resume_with_another_tokenizer(corpus
     assert all(exported(text, add_special_tokens=False)["input_ids"] == ours.tokenize(text)
                for text in corpus["texts"][:20])
     assert json.load(open(tmp_path / "hf" / "config.json"))["eos_token_id"] == ours.eod
+    # ... and import_hf.py takes that directory back with its tokenizer.json: the same weights, the tokenizer
+    # recorded as HuggingFaceTokenizer (the hand-off guard's fingerprint), the flags to train from it.
+    import_hf.main([str(tmp_path / "hf"), str(tmp_path / "imported")])
+    printed = capsys.readouterr().out
+    assert f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {tmp_path / 'hf'}" in printed
+    imported = hf_export.locate_checkpoint(str(tmp_path / "imported"))
+    assert imported.config["data"]["tokenizer_type"] == "HuggingFaceTokenizer"
+    hf_tokenizer = TokenizerSpec("HuggingFaceTokenizer", str(tmp_path / "hf"))
+    assert imported.run["tokenizer_sha256"] == hf_tokenizer.fingerprint()
+    trained = hf_export.locate_checkpoint(str(tmp_path / "ckpt")).full_weights()
+    for name, tensor in imported.full_weights().items():
+        assert torch.equal(tensor[:ours.vocab_size], trained[name][:ours.vocab_size]), name
     other = [*data[:2], "--tokenizer-model", corpus["tokenizer"]]  # the SentencePiece model: the same 1000 ids
     result = run([PYTHON, f"{ROOT}/pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, [*other, *ckpt], steps=4)],
                  check=False)

@@ -52,6 +52,21 @@ def start_checkpoint(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def one_process(corpus, tmp_path_factory):
+    """The parity tests' references: `one_process(k, extra=(), steps=4)` is train_losses of one process with those
+    flags, run once per session however many tests compare against it."""
+    cache = {}
+
+    def get(k, extra=(), steps=4):
+        key = (k, tuple(extra), steps)
+        if key not in cache:
+            cache[key] = train_losses(corpus, tmp_path_factory.mktemp("one_process"), k, 1, list(extra), steps)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def megatron_process():
     """megatron-core's parallel state for this test process: gloo, world size 1, TP=PP=1."""
     os.environ["MASTER_PORT"] = str(free_port())

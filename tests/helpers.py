@@ -16,7 +16,8 @@ from megatron_patch.parallel import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
-# --standalone: torchrun picks a free rendezvous port itself (no race between tests choosing ports).
+# --standalone: torchrun picks a free rendezvous port itself (no race between tests choosing ports). The tests of
+# launching use it; the others start their ranks with tests/ranks.py (torchrun's environment, no torch import).
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone"]
 TINY = ["--model-preset", "tiny"]  # the LLaMA-style model of every end-to-end test (presets.py)
 TIED = ["--no-untie-embeddings-and-output-weights"]
@@ -52,7 +53,7 @@ def run(cmd, check=True, env=None, timeout=600):
 
 
 def launcher(nproc):
-    return [*TORCHRUN, "--nproc-per-node", str(nproc)] if nproc > 1 else [PYTHON]
+    return [PYTHON, os.path.join(ROOT, "tests", "ranks.py"), str(nproc)] if nproc > 1 else [PYTHON]
 
 
 def phase_flags(corpus, out, k, extra=(), steps=4, tied=False):

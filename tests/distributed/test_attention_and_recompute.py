@@ -1,6 +1,7 @@
-"""Activation recompute and grouped-query attention across processes: full recompute under tensor and pipeline
-parallelism gives the steps of the same layout without it; a grouped-query model trains at TP=2 and PP=2 as in one
-process (each TP rank holds whole key/value groups), and its checkpoint reshards TP=2 -> TP=1."""
+"""Activation recompute and grouped-query attention across processes: full recompute gives the steps of the same
+layout without it under tensor parallelism (with dropout), and those of one process under pipeline parallelism; a
+grouped-query model trains at TP=2 and PP=2 as in one process (each TP rank holds whole key/value groups), and its
+checkpoint reshards TP=2 -> TP=1."""
 
 import itertools
 
@@ -21,10 +22,10 @@ def test_full_recompute_under_tensor_parallelism_gives_the_same_steps(corpus, tm
     assert_same_run(reference, train_losses(corpus, tmp_path, 4, 2, [*TP2, *dropout, *RECOMPUTE]), tolerance=1e-6)
 
 
-def test_full_recompute_under_pipeline_parallelism_gives_the_same_steps(corpus, tmp_path, start_checkpoint):
-    flags = [*PP2, "--num-layers", "4", "--pretrained-checkpoint", start_checkpoint]
-    reference = train_losses(corpus, tmp_path, 4, 2, flags)
-    assert_same_run(reference, train_losses(corpus, tmp_path, 4, 2, [*flags, *RECOMPUTE]), tolerance=1e-6)
+def test_full_recompute_under_pipeline_parallelism_gives_the_steps_of_one_process(corpus, tmp_path,
+                                                                                   start_checkpoint, one_process):
+    common = ["--num-layers", "4", "--pretrained-checkpoint", start_checkpoint, "--micro-batch-size", "1"]
+    assert_same_run(one_process(4, common), train_losses(corpus, tmp_path, 4, 2, [*common, *PP2, *RECOMPUTE]))
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +36,14 @@ def gqa_tp2(corpus, tmp_path_factory):
     return series, str(out / "ckpt")
 
 
-def test_grouped_query_attention_at_tp2_matches_one_process(corpus, tmp_path, gqa_tp2):
-    assert_same_run(train_losses(corpus, tmp_path, 4, 1, GQA), gqa_tp2[0])
+def test_grouped_query_attention_at_tp2_matches_one_process(one_process, gqa_tp2):
+    assert_same_run(one_process(4, GQA), gqa_tp2[0])
 
 
-def test_grouped_query_attention_at_pp2_matches_one_process(corpus, tmp_path, gqa_tp2):
+def test_grouped_query_attention_at_pp2_matches_one_process(corpus, tmp_path, one_process, gqa_tp2):
     """Both from the TP=2 run's weights (pipeline stages would seed their own layers)."""
     flags = [*GQA, "--pretrained-checkpoint", gqa_tp2[1]]
-    assert_same_run(train_losses(corpus, tmp_path, 4, 1, flags), train_losses(corpus, tmp_path, 4, 2, [*flags, *PP2]))
+    assert_same_run(one_process(4, flags), train_losses(corpus, tmp_path, 4, 2, [*flags, *PP2]))
 
 
 def _first_step_loss(corpus, out, layout, pretrained):

@@ -6,8 +6,8 @@ from helpers import assert_same_run, launcher, phase_flags, run, train_losses
 
 
 @pytest.mark.parametrize("k", [1, 4])
-def test_dp2_matches_single_process(corpus, tmp_path, k):
-    assert_same_run(train_losses(corpus, tmp_path, k, 1), train_losses(corpus, tmp_path, k, 2))
+def test_dp2_matches_single_process(corpus, tmp_path, one_process, k):
+    assert_same_run(one_process(k), train_losses(corpus, tmp_path, k, 2))
 
 
 def test_ranks_building_one_cache_together_get_the_samples_of_one_process(corpus, tmp_path):

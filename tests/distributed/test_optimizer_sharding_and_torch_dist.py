@@ -6,16 +6,11 @@ import re
 import pytest
 import torch
 
-from helpers import PP2, TORCH_DIST, TP2, assert_same_run, launcher, phase_flags, run, train_losses, train_run
+from helpers import PP2, TORCH_DIST, TP2, assert_same_run, launcher, phase_flags, run, train_run
 from megatron_patch import checkpoint, runlog, tracker
 
 DISTOPT = ["--use-distributed-optimizer"]
 OVERLAPS = [*DISTOPT, "--overlap-grad-reduce", "--overlap-param-gather"]
-
-
-@pytest.fixture(scope="module")
-def one_process(corpus, tmp_path_factory):
-    return train_losses(corpus, tmp_path_factory.mktemp("one"), 4, 1)
 
 
 def _held_parameters(stdout):
@@ -31,7 +26,7 @@ def test_distributed_optimizer_gives_the_steps_of_one_process(corpus, tmp_path, 
                                                               data_parallel):
     """The same steps, and each data-parallel rank holds the optimizer state of 1/DP of the parameters."""
     series, stdout = train_run(corpus, tmp_path, 4, flags, launch=launcher(nproc))
-    assert_same_run(one_process, series)
+    assert_same_run(one_process(4), series)
     held, total = _held_parameters(stdout)
     print(f"rank 0 holds the optimizer state of {held:,} of {total:,} parameters ({8 * held:,} bytes of fp32 "
           f"Adam moments against {8 * total:,} without the distributed optimizer)")

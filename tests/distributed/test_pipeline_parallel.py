@@ -12,8 +12,7 @@ PIPELINED = ["pp2", "pp2_vpp2", "tp2_pp2"]
 
 @pytest.mark.parametrize("layout", PIPELINED)
 @pytest.mark.parametrize("k", [1, 4])
-def test_pipeline_layout_matches_single_process(corpus, tmp_path, start_checkpoint, layout, k):
+def test_pipeline_layout_matches_single_process(corpus, tmp_path, start_checkpoint, one_process, layout, k):
     nproc, flags = LAYOUTS[layout]
     common = ["--num-layers", "4", "--pretrained-checkpoint", start_checkpoint, "--micro-batch-size", "1"]
-    assert_same_run(train_losses(corpus, tmp_path, k, 1, common),
-                    train_losses(corpus, tmp_path, k, nproc, common + flags))
+    assert_same_run(one_process(k, common), train_losses(corpus, tmp_path, k, nproc, common + flags))

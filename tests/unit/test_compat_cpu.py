@@ -4,7 +4,7 @@ import tempfile
 
 import pytest
 
-from helpers import PYTHON, ROOT, TORCHRUN, run
+from helpers import PYTHON, ROOT, launcher, run
 from megatron_patch.compat.cpu import _SHIMS, SKIP_ENV
 
 # One optimizer step of a tiny 2-stage pipeline (tied embeddings, RoPE, dropout) through megatron-core's DDP,
@@ -50,7 +50,7 @@ def _probe(skip=""):
     with tempfile.NamedTemporaryFile("w", suffix=".py") as script, tempfile.TemporaryDirectory() as checkpoint:
         script.write(PROBE)
         script.flush()
-        return run([*TORCHRUN, "--nproc-per-node", "2", script.name], check=False,
+        return run([*launcher(2), script.name], check=False,
                    env={SKIP_ENV: skip, "PYTHONPATH": ROOT, "PROBE_CHECKPOINT": checkpoint}, timeout=300)
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """torchrun's job for the tests, without torchrun: `python tests/ranks.py N SCRIPT [ARGS...]` starts N
 processes running `python SCRIPT ARGS` with the environment torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE,
-LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment, OMP_NUM_THREADS=1 unless set), passes their output
-through, and when one exits non-zero stops the others (SIGTERM, then SIGKILL after 30 s) and exits with its code, as
-torchrun does.
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment or a free one, OMP_NUM_THREADS=1 unless set),
+passes their output through, and when one exits non-zero stops the others (SIGTERM, then SIGKILL after 30 s) and
+exits with its code, as torchrun does.
 
 Why: torchrun imports torch before it starts anyone: ~3 s of CPU per launch on these machines, for each of the
 suite's ~100 multi-process runs. The tests of launching itself (torchrun's failure handling, the deepspeed
@@ -11,17 +11,23 @@ launcher, srun) use the real launchers.
 """
 
 import os
+import socket
 import subprocess
 import sys
 import time
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main():
     nproc, command = int(sys.argv[1]), sys.argv[2:]
     common = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port()),
               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if "MASTER_PORT" not in os.environ:
-        raise SystemExit("ranks.py: set MASTER_PORT")
     workers = [subprocess.Popen([sys.executable, *command],
                                 env=dict(os.environ, **common, RANK=str(rank), LOCAL_RANK=str(rank)))
                for rank in range(nproc)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """torchrun's job for the tests, without torchrun: `python tests/ranks.py N SCRIPT [ARGS...]` starts N
 processes running `python SCRIPT ARGS` with the environment torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE,
-LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment or a free one, OMP_NUM_THREADS=1 unless set),
+LOCAL_WORLD_SIZE, MASTER_ADDR, a free MASTER_PORT as with --standalone, OMP_NUM_THREADS=1 unless set),
 passes their output through, and when one exits non-zero stops the others (SIGTERM, then SIGKILL after 30 s) and
 exits with its code, as torchrun does.
 
@@ -26,7 +26,9 @@ def free_port():
 def main():
     nproc, command = int(sys.argv[1]), sys.argv[2:]
     common = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port()),
+              # Always a fresh port, as torchrun --standalone: an inherited MASTER_PORT may be the caller's own
+              # process group's (the test process holds one).
+              "MASTER_PORT": str(free_port()),
               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     workers = [subprocess.Popen([sys.executable, *command],
                                 env=dict(os.environ, **common, RANK=str(rank), LOCAL_RANK=str(rank)))

@@ -28,7 +28,8 @@ def test_kill_9_between_checkpoints_then_resume_gives_bitwise_the_same_steps(cor
     crashed, log = tmp_path / "crashed", str(tmp_path / "crashed") + ".jsonl"
     proc = subprocess.Popen(flags(crashed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.exists(log) and max(runlog.steps(log), default=0) in (7, 12, 17)):
+    while time.time() < deadline and proc.poll() is None and not (
+            os.path.exists(log) and max(runlog.steps(log), default=0) in (7, 12, 17)):
         time.sleep(0.01)  # just logged: midway between two checkpoints
     # torchrun and both workers (torchrun starts each in a session of its own), no chance to clean up.
     for victim in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:

@@ -540,13 +540,10 @@ def staged_directory(out: str, overwrite: bool):
 
 def import_config(model: ModelConfig, tp: int, pp: int, tokenizer: TokenizerSpec) -> dict:
     """The run config (TrainingConfig dict) a checkpoint imported from HF records: the model, the layout, the
-    tokenizer (file paths absolute); the rest defaults (only the model shape and the tokenizer are checked by a
-    hand-off)."""
-    files = {name: os.path.abspath(getattr(tokenizer, name)) for name in ("tokenizer_model", "vocab_file", "merge_file")
-             if getattr(tokenizer, name) is not None}
+    tokenizer; the rest defaults (only the model shape and the tokenizer are checked by a hand-off)."""
     return to_dict(TrainingConfig(
         model=model, parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-        data=DataConfig(**dataclasses.asdict(dataclasses.replace(tokenizer, **files))),
+        data=DataConfig(**dataclasses.asdict(tokenizer)),
         seq_length=model.max_position_embeddings or TrainingConfig.seq_length))
 
 

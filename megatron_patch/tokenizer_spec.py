@@ -47,6 +47,7 @@ TOKENIZER_FLAGS = [
      "HuggingFaceTokenizer: add the tokenizer's special tokens (e.g. BOS) to every text", dict(action="store_true")),
 ]
 FIELDS = tuple(field for _, field, _, _ in TOKENIZER_FLAGS)
+TOKENIZER_FILES = ("tokenizer_model", "vocab_file", "merge_file")  # the fields that name files
 
 
 class TokenizerError(ValueError):
@@ -169,7 +170,7 @@ class TokenizerSpec:
         """The sidecar fields naming the tokenizer (paths absolute)."""
         spec = self.resolved()
         out = {"tokenizer_type": spec.type}
-        for name in ("tokenizer_model", "vocab_file", "merge_file"):
+        for name in TOKENIZER_FILES:
             if getattr(spec, name) is not None:
                 out[name] = os.path.abspath(getattr(spec, name))
         if spec.vocab_size is not None:

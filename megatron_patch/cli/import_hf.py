@@ -16,6 +16,7 @@ OUT.tmp-<pid> and renamed when complete; an existing OUT is kept unless --overwr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 
@@ -26,6 +27,7 @@ from megatron_patch.data.tokenizer import build_tokenizer
 from megatron_patch.flags import FLAGS
 from megatron_patch.tokenizer_spec import (
     FIELDS,
+    TOKENIZER_FILES,
     TOKENIZER_FLAGS,
     TokenizerError,
     TokenizerSpec,
@@ -66,7 +68,8 @@ def model_flags(model: ModelConfig) -> list:
 
 
 def hf_dir_tokenizer(args) -> TokenizerSpec:
-    """The tokenizer flags given, else the HF directory's own tokenizer (checked)."""
+    """The tokenizer flags given, else the HF directory's own tokenizer (checked; file paths absolute, as the
+    checkpoint records them and the printed flags give them)."""
     given = TokenizerSpec.of(args)
     if not any(getattr(given, name) for name in FIELDS):
         if os.path.isfile(os.path.join(args.hf_dir, "tokenizer.model")):
@@ -77,21 +80,22 @@ def hf_dir_tokenizer(args) -> TokenizerSpec:
             raise hf_export.ExportError(f"no tokenizer.model or tokenizer.json in {args.hf_dir}: give the tokenizer "
                                         "flags (--tokenizer-type, --tokenizer-model, ...)")
     try:
-        return given.resolved()
+        spec = given.resolved()
     except TokenizerError as e:
         raise hf_export.ExportError(str(e)) from None
+    return dataclasses.replace(spec, **{name: os.path.abspath(getattr(spec, name)) for name in TOKENIZER_FILES
+                                        if getattr(spec, name) is not None})
 
 
 def tokenizer_flags(spec: TokenizerSpec) -> list:
-    """The trainer's flags for `spec` (file paths absolute)."""
+    """The trainer's flags for `spec`."""
     args = []
     for flag, name, _, kwargs in TOKENIZER_FLAGS:
         value = getattr(spec, name)
         if kwargs.get("action") == "store_true":
             args += [flag] if value else []
         elif value is not None:
-            args += [flag, os.path.abspath(value) if name in ("tokenizer_model", "vocab_file", "merge_file")
-                     else str(value)]
+            args += [flag, str(value)]
     return args
 
 

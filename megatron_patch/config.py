@@ -157,6 +157,12 @@ class PlanConfig:
 
     patch_fraction: Optional[float] = None  # lambda: the fraction of the token budget trained at patch level
     phase: str = "both"  # which phases this command runs: "1", "2" or "both" (job chaining runs one at a time)
+    # Per-phase peak LR and warmup (None: --lr, --lr-warmup-iters). The paper uses one setting for both phases;
+    # at small budgets phase 2's restarted warmup and peak LR matter (RESULTS.md).
+    phase1_lr: Optional[float] = None
+    phase2_lr: Optional[float] = None
+    phase1_lr_warmup_iters: Optional[int] = None
+    phase2_lr_warmup_iters: Optional[int] = None
 
 
 @dataclass

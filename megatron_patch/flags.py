@@ -76,6 +76,11 @@ GROUPS = {
              "--global-batch-size, --train-tokens/--train-iters then describe the token-level run)", dict(type=float)),
         Flag("--phase", "plan.phase", "with --patch-fraction: the phase(s) this command runs (job chaining)",
              dict(choices=["1", "2", "both"])),
+        *(Flag(f"--phase{n}-{name}", f"plan.phase{n}_{name.replace('-', '_')}",
+               f"with --patch-fraction: phase {n}'s {what} (default: --{name}; the optimizer restarts per phase)",
+               dict(type=kind))
+          for n in (1, 2) for name, what, kind in (("lr", "peak learning rate", float),
+                                                   ("lr-warmup-iters", "warmup steps", int))),
     ],
     "parallelism": [
         Flag("--tensor-model-parallel-size", "parallel.tensor_model_parallel_size", "tensor-parallel ranks",
@@ -232,6 +237,7 @@ probability = _number(float, 0, True, 1)
 # range the configuration checks with its own message (e.g. --patch-size, --seq-length) keep plain int/float.
 VALUE_TYPES = {
     "--num-workers": non_negative_int, "--seed": non_negative_int, "--lr-warmup-iters": non_negative_int,
+    "--phase1-lr-warmup-iters": non_negative_int, "--phase2-lr-warmup-iters": non_negative_int,
     "--eval-iters": non_negative_int,
     "--hidden-dropout": probability, "--attention-dropout": probability, "--adam-beta1": probability,
     "--adam-beta2": probability,

@@ -25,6 +25,7 @@ from megatron_patch.deepspeed_config import resolve_deepspeed_config
 from megatron_patch.tracker import latest_iteration
 
 PHASE_NAMES = ("phase1", "phase2")
+PER_PHASE_FLAGS = ("phase1_lr", "phase2_lr", "phase1_lr_warmup_iters", "phase2_lr_warmup_iters")  # PlanConfig
 
 
 @dataclass
@@ -34,6 +35,7 @@ class PhasePlan:
     seq_length: int  # tokens read per sample
     global_batch_size: int  # samples per step
     train_iters: int
+    lr: float
     lr_warmup_iters: int
     train_data_range: tuple
     save: str
@@ -76,7 +78,7 @@ class TwoPhasePlan:
             lines.append(
                 f"  {p.name} ({kind}): {p.train_iters} iterations x {p.global_batch_size} samples x {p.seq_length} "
                 f"tokens = {p.tokens} tokens; data [{p.train_data_range[0]:.4f}, {p.train_data_range[1]:.4f}) of "
-                f"the training split; warmup {p.lr_warmup_iters}; save {p.save}"
+                f"the training split; lr {p.lr:g}, warmup {p.lr_warmup_iters}; save {p.save}"
                 + (f"; weights from {p.pretrained_checkpoint}" if p.pretrained_checkpoint else "")
             )
         lines.append(f"  cost: lambda/K + 1 - lambda = {self.cost:.4f} of token-level training")
@@ -126,17 +128,27 @@ def make_plan(cfg: TrainingConfig) -> TwoPhasePlan:
         )
     boundary = phase1_iters / total
     save = [os.path.join(cfg.save, name) for name in PHASE_NAMES]
+    lr = [_override(getattr(cfg.plan, f"phase{n}_lr"), cfg.optim.lr) for n in (1, 2)]
+    warmup = [_override(getattr(cfg.plan, f"phase{n}_lr_warmup_iters"), cfg.optim.lr_warmup_iters) for n in (1, 2)]
     phases = [
-        PhasePlan("phase1", k, k * cfg.seq_length, cfg.global_batch_size // k, phase1_iters,
-                  cfg.optim.lr_warmup_iters, (0.0, boundary), save[0]),
-        PhasePlan("phase2", 1, cfg.seq_length, cfg.global_batch_size, total - phase1_iters,
-                  cfg.optim.lr_warmup_iters, (boundary, 1.0), save[1], pretrained_checkpoint=save[0]),
+        PhasePlan("phase1", k, k * cfg.seq_length, cfg.global_batch_size // k, phase1_iters, lr[0], warmup[0],
+                  (0.0, boundary), save[0]),
+        PhasePlan("phase2", 1, cfg.seq_length, cfg.global_batch_size, total - phase1_iters, lr[1], warmup[1],
+                  (boundary, 1.0), save[1], pretrained_checkpoint=save[0]),
     ]
-    for p in phases:
+    for n, p in enumerate(phases, 1):
+        own = f"--phase{n}-lr-warmup-iters" if getattr(cfg.plan, f"phase{n}_lr_warmup_iters") is not None \
+            else "--lr-warmup-iters (per phase)"
         if p.lr_warmup_iters >= p.train_iters:
-            raise ConfigError(f"--lr-warmup-iters {p.lr_warmup_iters} (per phase) must be smaller than "
-                              f"{p.name}'s {p.train_iters} iterations")
+            raise ConfigError(f"{own} {p.lr_warmup_iters} must be smaller than {p.name}'s {p.train_iters} iterations")
+        own = f"--phase{n}-lr" if getattr(cfg.plan, f"phase{n}_lr") is not None else "--lr"
+        if p.lr < cfg.optim.min_lr:
+            raise ConfigError(f"{own} {p.lr:g} is below --min-lr {cfg.optim.min_lr:g}, where the decay ends")
     return TwoPhasePlan(k, fraction, tokens_per_step, phases)
+
+
+def _override(value, default):
+    return default if value is None else value
 
 
 def phase_config(cfg: TrainingConfig, phase: PhasePlan) -> TrainingConfig:
@@ -145,7 +157,7 @@ def phase_config(cfg: TrainingConfig, phase: PhasePlan) -> TrainingConfig:
     out.plan.patch_fraction = None
     out.patch_size, out.seq_length = phase.patch_size, phase.seq_length
     out.global_batch_size, out.train_iters, out.train_tokens = phase.global_batch_size, phase.train_iters, None
-    out.optim.lr_warmup_iters = phase.lr_warmup_iters
+    out.optim.lr, out.optim.lr_warmup_iters = phase.lr, phase.lr_warmup_iters
     out.data.train_data_range = phase.train_data_range
     out.save = out.load = phase.save
     out.pretrained_checkpoint = phase.pretrained_checkpoint
@@ -159,6 +171,10 @@ def phases_to_run(cfg: TrainingConfig, world_size: int) -> Tuple[List[TrainingCo
     """The resolved phase configs this command runs and the plan they come from (None for a single phase).
     Everything is checked here, before any process group starts; raises ConfigError."""
     if cfg.plan.patch_fraction is None:
+        per_phase = [f for f in PER_PHASE_FLAGS if getattr(cfg.plan, f) is not None]
+        if per_phase:
+            raise ConfigError(f"--{per_phase[0].replace('_', '-')} sets a phase of a two-phase plan: give "
+                              f"--patch-fraction, or --lr/--lr-warmup-iters for a single run")
         return [_resolve(cfg, world_size)], None
     plan = make_plan(cfg)
     return selected_phases(cfg, plan, world_size), plan

@@ -9,7 +9,7 @@ from helpers import PYTHON, TINY, run
 from megatron_patch import runlog
 from megatron_patch.config import ConfigError
 from megatron_patch.flags import parse_args
-from megatron_patch.plan import make_plan, phase_config
+from megatron_patch.plan import make_plan, phase_config, phases_to_run
 
 
 def _plan_args(*flags, k=4, fraction=2 / 3, seq=2048, batch=1024, budget=("--train-iters", "3000")):
@@ -68,12 +68,23 @@ def test_each_phase_is_an_ordinary_phase_config():
     (_plan_args(fraction=0.0001), "leaves a phase with no iterations"),
     (_plan_args("--load", "x"), "drop --load"),
     (_plan_args("--lr-decay-iters", "100"), "drop --lr-decay-iters"),
-    (_plan_args("--lr-warmup-iters", "1000"), "--lr-warmup-iters 1000 (per phase) must be smaller than phase2's"),
+    (_plan_args("--lr-warmup-iters", "1000"), "--lr-warmup-iters (per phase) 1000 must be smaller than phase2's"),
+    (_plan_args("--phase1-lr-warmup-iters", "2000"), "--phase1-lr-warmup-iters 2000 must be smaller than phase1's"),
+    (_plan_args("--phase2-lr", "1e-5"), "--phase2-lr 1e-05 is below --min-lr 3e-05"),
     ([a for a in _plan_args() if a not in ("--save", "ckpt")], "a two-phase plan needs --save"),
 ])
 def test_bad_plans_are_config_errors(flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make_plan(parse_args(flags))
+
+
+def test_each_phase_can_have_its_own_peak_lr_and_warmup():
+    cfg = parse_args(_plan_args("--lr", "1e-3", "--phase1-lr", "2e-3", "--phase2-lr-warmup-iters", "0"))
+    p1, p2 = (phase_config(cfg, p) for p in make_plan(cfg).phases)
+    assert (p1.optim.lr, p1.optim.lr_warmup_iters) == (2e-3, 20)  # its own LR, the run's warmup
+    assert (p2.optim.lr, p2.optim.lr_warmup_iters) == (1e-3, 0)  # the run's LR, its own warmup
+    with pytest.raises(ConfigError, match=r"^--phase2-lr sets a phase of a two-phase plan: give --patch-fraction"):
+        phases_to_run(parse_args(["--train-iters", "10", "--phase2-lr", "1e-3"]), 1)
 
 
 def test_plan_cli_prints_the_plan():
@@ -95,12 +106,19 @@ def test_one_command_runs_the_plan_like_one_command_per_phase(corpus, tmp_path):
         return run([PYTHON, "pretrain_patch_gpt.py", *TINY, "--patch-size", "4", "--patch-fraction",
                     "0.6", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "16",
                     "--train-iters", "10", "--lr", "3e-3", "--lr-warmup-iters", "1", "--eval-iters", "1",
+                    "--phase1-lr", "5e-3", "--phase2-lr", "1e-3", "--phase2-lr-warmup-iters", "0",
+                    "--ckpt-format", "torch",
                     "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"],
                     "--data-cache-path", str(tmp_path / "cache"), "--save", str(out),
                     "--log-json", str(out / "log.jsonl"), *phase], check=check)
 
     whole = plan_run(tmp_path / "whole")
     assert "phase1 (patch, K=4): 6 iterations x 4 samples x 128 tokens = 3072 tokens" in whole.stdout
+    # Each phase's own peak LR and warmup: phase 1 warms up in one step (at LR 0, as Megatron's scheduler starts)
+    # to 5e-3; phase 2 starts at its peak, 1e-3.
+    lrs = {phase: [r["lr"] for r in runlog.steps(tmp_path / "whole" / f"log.{phase}.jsonl").values()]
+           for phase in ("phase1", "phase2")}
+    assert lrs["phase1"][:2] == [0.0, pytest.approx(5e-3)] and lrs["phase2"][0] == pytest.approx(1e-3)
     early = plan_run(tmp_path / "chained", "--phase", "2", check=False)
     assert early.returncode == 2 and "--phase 2: phase 1 has not finished" in early.stderr
     plan_run(tmp_path / "chained", "--phase", "1")

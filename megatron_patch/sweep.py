@@ -13,13 +13,16 @@ The grid file (YAML, or JSON) is a mapping:
   lambda: [0, 2/3, 1]
   tokens: [1536000]
   seeds: [1]                       # default: the trainer's seed
+  variants: {paper: {}, p2-lr-2e-3: {phase2-lr: 2e-3}}   # optional: named flag sets, another axis
   eval: {text: heldout.jsonl, seq-length: 256, micro-batch-size: 8}      # tools/evaluate.py flags
   slurm: {sbatch: [-N, 1, --time, "04:00:00"], env: {OPTIMIZER_ARGS: --bf16}}   # for --slurm
 
 Flags are `name: value` (a list gives several values, `true` a bare switch) or an argument list. The runs are the
 cross product; lambda = 0 ignores K (one baseline per size, budget and seed, named K=1). `--seq-length` and
 `--global-batch-size` describe the token-level run, as for --patch-fraction: lambda = 1 trains the whole budget at
-K (K*T tokens x G/K samples per step) and evaluates that model at token level.
+K (K*T tokens x G/K samples per step) and evaluates that model at token level. A variant's flags that only set a
+plan's phases (--phase1-lr, --phase2-lr-warmup-iters, ...) do not apply to baselines and patch-only runs: the
+variants share those runs (named without a variant when no other flag of the variant applies).
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ from megatron_patch.plan import phases_to_run
 from megatron_patch.runs import Run, RunError, read_evaluation, read_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ("out", "nproc_per_node", "common", "sizes", "K", "lambda", "tokens", "seeds", "eval", "slurm")
+KEYS = ("out", "nproc_per_node", "common", "sizes", "K", "lambda", "tokens", "seeds", "variants", "eval", "slurm")
 # Flags each run gets from its grid point and directory: the grid must not set them.
 PER_RUN_FLAGS = ("--patch-size", "--patch-fraction", "--train-tokens", "--train-iters", "--seed", "--save", "--load",
                  "--log-json", "--phase", "--pretrained-checkpoint")
 EVAL_OWN_FLAGS = ("--load", "--output", "--iteration")
-COLUMNS = ["run", "size", "K", "lambda", "tokens", "seed", "ppl", "bits_per_byte", "eval_loss", "valid_loss",
+PLAN_PHASE_FLAGS = ("--phase1-lr", "--phase2-lr", "--phase1-lr-warmup-iters", "--phase2-lr-warmup-iters")
+COLUMNS = ["run", "size", "K", "lambda", "tokens", "seed", "variant", "ppl", "bits_per_byte", "eval_loss", "valid_loss",
            "trained_tokens", "flops", "wall_seconds", "flops_vs_baseline"]
 
 
@@ -65,6 +69,7 @@ class Point:
     fraction: float
     tokens: int
     seed: int
+    variant: str = ""  # "" when the grid has no variants, or the run is shared by them
     directory: str = ""
     train_command: List[str] = field(default_factory=list)
     eval_command: List[str] = field(default_factory=list)
@@ -74,7 +79,8 @@ class Point:
 
     @property
     def name(self) -> str:
-        return f"size={self.size}_K={self.k}_lambda={self.fraction:.4g}_tokens={self.tokens}_seed={self.seed}"
+        name = f"size={self.size}_K={self.k}_lambda={self.fraction:.4g}_tokens={self.tokens}_seed={self.seed}"
+        return f"{name}_variant={self.variant}" if self.variant else name
 
     @property
     def kind(self) -> str:
@@ -114,6 +120,7 @@ class Grid:
     slurm_env: Dict[str, str]
     common: List[str]
     sizes: Dict[str, List[str]]
+    variants: Dict[str, List[str]]
 
 
 # Reading the grid ---------------------------------------------------------------------------------------------
@@ -209,6 +216,35 @@ def _fraction(v) -> float:
     return number
 
 
+def _name(name, what: str, path: str) -> str:
+    if not isinstance(name, str) or not name or any(c in name for c in "/_= "):
+        raise GridError(f"{path}: {what}: {name!r}: a name is a word without '/', '_', '=' or spaces")
+    return name
+
+
+def _variants(raw: dict, path: str) -> Dict[str, List[str]]:
+    variants = raw.get("variants")
+    if variants is None:
+        return {"": []}
+    if not isinstance(variants, dict) or not variants:
+        raise GridError(f"{path}: variants: expected a mapping (name: trainer flags, e.g. paper: {{}})")
+    return {_name(name, "variants", path): flag_list(flags or {}, f"variants: {name}", path)
+            for name, flags in variants.items()}
+
+
+def without_plan_phase_flags(argv: List[str]) -> List[str]:
+    """`argv` less the flags that set a plan's phases (each takes one value)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in PLAN_PHASE_FLAGS:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def _sizes(raw: dict, path: str) -> Dict[str, List[str]]:
     sizes = raw.get("sizes")
     if sizes is None:
@@ -219,12 +255,8 @@ def _sizes(raw: dict, path: str) -> Dict[str, List[str]]:
         sizes = {s: s for s in sizes}
     if not isinstance(sizes, dict) or not sizes:
         raise GridError(f"{path}: sizes: expected a mapping (name: a model preset, or trainer flags)")
-    out = {}
-    for name, flags in sizes.items():
-        if not isinstance(name, str) or not name or any(c in name for c in "/_= "):
-            raise GridError(f"{path}: sizes: {name!r}: a size's name is a word without '/', '_', '=' or spaces")
-        out[name] = ["--model-preset", flags] if isinstance(flags, str) else flag_list(flags, f"sizes: {name}", path)
-    return out
+    return {_name(name, "sizes", path): ["--model-preset", flags] if isinstance(flags, str)
+            else flag_list(flags, f"sizes: {name}", path) for name, flags in sizes.items()}
 
 
 def read_grid(path: str, out: Optional[str] = None, python: str = sys.executable) -> Grid:
@@ -243,10 +275,10 @@ def read_grid(path: str, out: Optional[str] = None, python: str = sys.executable
     if len(nproc) != 1:
         raise GridError(f"{path}: nproc_per_node: one number, not a list")
     common = flag_list(raw.get("common", {}), "common", path)
-    sizes = _sizes(raw, path)
+    sizes, variants = _sizes(raw, path), _variants(raw, path)
     for flag in PER_RUN_FLAGS:
-        where = [w for w, argv in (("common", common), *((f"sizes: {n}", a) for n, a in sizes.items()))
-                 if flag in argv]
+        where = [w for w, argv in (("common", common), *((f"sizes: {n}", a) for n, a in sizes.items()),
+                                   *((f"variants: {n}", a) for n, a in variants.items())) if flag in argv]
         if where:
             raise GridError(f"{path}: {where[0]} sets {flag}, which the sweep sets for each run (axes and run "
                             f"directory)")
@@ -275,15 +307,21 @@ def read_grid(path: str, out: Optional[str] = None, python: str = sys.executable
         raise GridError(f"{path}: slurm: env: expected a mapping of settings (NAME: value)")
 
     points, seen = [], set()
-    for size, k, fraction, budget, seed in itertools.product(sizes, ks, fractions, tokens, seeds):
-        point = Point(size, 1 if fraction == 0 else k, fraction, budget, seed)
-        if point.name in seen:  # lambda = 0: one baseline whatever K
+    shared: Dict[tuple, str] = {}  # flags of a run without a plan -> the variant that names it ("": no flags)
+    for size, k, fraction, budget, seed, variant in itertools.product(sizes, ks, fractions, tokens, seeds, variants):
+        point = Point(size, 1 if fraction == 0 else k, fraction, budget, seed, variant)
+        flags = variants[variant]
+        if point.kind != "two-phase":
+            flags = without_plan_phase_flags(flags)
+            point.variant = shared.setdefault(tuple(flags), variant if flags else "")
+        if point.name in seen:  # lambda = 0: one baseline whatever K; runs the variants share
             continue
         seen.add(point.name)
         point.directory = os.path.join(out, "runs", point.name)
-        _commands(point, common + sizes[size], evaluation, nproc[0], python, path)
+        _commands(point, common + sizes[size] + flags, evaluation, nproc[0], python, path)
         points.append(point)
-    return Grid(path, out, nproc[0], points, sbatch, {str(k): str(v) for k, v in env.items()}, common, sizes)
+    return Grid(path, out, nproc[0], points, sbatch, {str(k): str(v) for k, v in env.items()}, common, sizes,
+                variants)
 
 
 def launcher(nproc: int, python: str) -> List[str]:
@@ -361,7 +399,7 @@ def slurm_submission(grid: Grid, point: Point, python: str = sys.executable):
     if point.kind != "two-phase":
         raise GridError(f"{grid.path}: {point.name}: slurm/ runs two-phase plans (0 < lambda < 1) only; run the "
                         f"{point.kind} points with tools/sweep.py without --slurm")
-    settings, extra = _split_settings(grid.common, grid.path, "common")
+    settings, extra = _split_settings(grid.common + grid.variants[point.variant], grid.path, "common and variant")
     model_settings, model = _split_settings(grid.sizes[point.size], grid.path, f"sizes: {point.size}")
     settings.update(model_settings)
     if not model:
@@ -403,15 +441,16 @@ def rows(points: List[Point], runs: Dict[str, Run]) -> List[dict]:
         scores = (run.evaluation or {}).get("token_level", {})
         out.append({
             "run": point.name, "size": point.size, "K": point.k, "lambda": point.fraction, "tokens": point.tokens,
-            "seed": point.seed, "ppl": scores.get("perplexity"), "bits_per_byte": scores.get("bits_per_byte"),
-            "eval_loss": scores.get("loss"),
+            "seed": point.seed, "variant": point.variant, "ppl": scores.get("perplexity"),
+            "bits_per_byte": scores.get("bits_per_byte"), "eval_loss": scores.get("loss"),
             "valid_loss": last.summary.get("token_level_valid_loss") if last.summary else None,
             "trained_tokens": last.end[0], "flops": last.end[1],
             "wall_seconds": sum(seconds) if None not in seconds else None, "flops_vs_baseline": None,
         })
-    baselines = {(r["size"], r["tokens"], r["seed"]): r["flops"] for r in out if r["lambda"] == 0}
+    baselines = {(r["size"], r["tokens"], r["seed"], r["variant"]): r["flops"] for r in out if r["lambda"] == 0}
     for r in out:
-        base = baselines.get((r["size"], r["tokens"], r["seed"]))
+        base = baselines.get((r["size"], r["tokens"], r["seed"], r["variant"]),
+                             baselines.get((r["size"], r["tokens"], r["seed"], "")))
         r["flops_vs_baseline"] = r["flops"] / base if base else None
     return out
 
@@ -430,11 +469,12 @@ def _cell(value, spec: str) -> str:
 
 
 def to_markdown(table: List[dict]) -> str:
-    header = ["run", "size", "K", "lambda", "tokens", "seed", "PPL", "bits/byte", "eval loss", "valid loss (log)",
-              "model FLOPs", "wall time (s)", "FLOPs vs baseline"]
+    header = ["run", "size", "K", "lambda", "tokens", "seed", "variant", "PPL", "bits/byte", "eval loss",
+              "valid loss (log)", "model FLOPs", "wall time (s)", "FLOPs vs baseline"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table:
         cells = [r["run"], r["size"], str(r["K"]), f"{r['lambda']:.4g}", f"{r['tokens']:,}", str(r["seed"]),
+                 r["variant"] or "-",
                  _cell(r["ppl"], ".2f"), _cell(r["bits_per_byte"], ".4f"), _cell(r["eval_loss"], ".4f"),
                  _cell(r["valid_loss"], ".4f"), _cell(r["flops"], ".4g"), _cell(r["wall_seconds"], ".1f"),
                  _cell(r["flops_vs_baseline"], ".3f")]
@@ -450,9 +490,10 @@ def series(table: List[dict], x: str, fixed: tuple) -> Dict[tuple, List[tuple]]:
         if r["ppl"] is None or (x == "K" and r["lambda"] == 0):
             continue
         keys = [(tuple(r[f] for f in fixed))]
-        if x == "lambda" and r["lambda"] == 0:  # the baseline joins every K of its size and budget
+        if x == "lambda" and r["lambda"] == 0:  # the baseline joins every K (and variant sharing it) of its size
+            free = ("K", "variant") if not r["variant"] else ("K",)
             keys = [key for key in {tuple(o[f] for f in fixed) for o in table if o["lambda"] > 0}
-                    if all(key[i] == r[f] for i, f in enumerate(fixed) if f != "K")] or keys
+                    if all(key[i] == r[f] for i, f in enumerate(fixed) if f not in free)] or keys
         for key in keys:
             groups.setdefault(key, {}).setdefault(r[x], []).append(r["ppl"])
     return {key: sorted((v, math.fsum(p) / len(p)) for v, p in by_x.items()) for key, by_x in sorted(groups.items())}

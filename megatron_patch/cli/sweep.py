@@ -165,7 +165,8 @@ def _plot_ppl(table: List[dict], x: str, fixed: tuple, output: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
     for index, (key, points) in enumerate(lines.items()):
-        label = ", ".join(f"{f}={v:.4g}" if isinstance(v, float) else f"{f}={v}" for f, v in zip(fixed, key))
+        label = ", ".join(f"{f}={v:.4g}" if isinstance(v, float) else f"{f}={v}" for f, v in zip(fixed, key)
+                          if v != "")
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", color=f"C{index % 10}", label=label)
     if x == "K":  # each size and budget's token-only baseline
@@ -211,7 +212,7 @@ def results(grid: Grid) -> Dict[str, str]:
             written["loss_vs_compute.png"] = figure
         except RunError as e:
             print(f"no loss_vs_compute.png: {e}")
-    for x, fixed in (("K", ("size", "lambda", "tokens")), ("lambda", ("size", "K", "tokens"))):
+    for x, fixed in (("K", ("size", "variant", "lambda", "tokens")), ("lambda", ("size", "variant", "K", "tokens"))):
         figure = os.path.join(grid.out, f"ppl_vs_{x}.png")
         if _plot_ppl(table, x, fixed, figure):
             written[f"ppl_vs_{x}.png"] = figure

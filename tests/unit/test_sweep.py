@@ -29,7 +29,7 @@ def _grid(corpus, out):
         "common": {"data-path": corpus["aligned4"], "tokenizer-model": corpus["tokenizer"],
                    "data-cache-path": str(out / "cache"), "seq-length": 32, "global-batch-size": 8,
                    "micro-batch-size": 2, "lr": 3e-3, "lr-warmup-iters": 1, "split": "90,10,0", "eval-interval": 2,
-                   "eval-iters": 1},
+                   "eval-iters": 1, "ckpt-format": "torch"},
         "sizes": {"tiny": "tiny"},
         "K": [4],
         "lambda": [0, "1/2"],
@@ -120,7 +120,7 @@ def test_table_rows_are_the_logs_and_evaluations(swept):
         assert {key: float(table[name][key]) for key in ("ppl", "bits_per_byte", "flops", "flops_vs_baseline")} == \
             {key: row[key] for key in ("ppl", "bits_per_byte", "flops", "flops_vs_baseline")}
     markdown = (swept["sweep"] / "results.md").read_text()
-    assert f"| {PLAN} | tiny | 4 | 0.5 | 1,024 | 3 | {rows[PLAN]['ppl']:.2f} |" in markdown
+    assert f"| {PLAN} | tiny | 4 | 0.5 | 1,024 | 3 | - | {rows[PLAN]['ppl']:.2f} |" in markdown
     for png in ("loss_vs_compute.png", "ppl_vs_K.png", "ppl_vs_lambda.png"):
         assert (swept["sweep"] / png).read_bytes().startswith(PNG_MAGIC)
 
@@ -158,7 +158,9 @@ def test_slurm_submits_the_two_phase_point_through_submit_two_phase(swept, tmp_p
     ({"common": {"save": "x"}}, r"common sets --save, which the sweep sets for each run"),
     ({"lambda": [0.05]}, r"run size=tiny_K=4_lambda=0\.05_tokens=1024_seed=3: --patch-fraction 0\.05 of 4 "
                          r"iterations leaves a phase with no iterations"),
-], ids=["lambda", "K", "missing", "unknown", "per-run-flag", "plan"])
+    ({"variants": {"a_b": {}}}, r"variants: 'a_b': a name is a word without '/', '_', '=' or spaces"),
+    ({"variants": {"x": {"seed": 2}}}, r"variants: x sets --seed, which the sweep sets for each run"),
+], ids=["lambda", "K", "missing", "unknown", "per-run-flag", "plan", "variant-name", "variant-per-run-flag"])
 def test_bad_grid_is_one_line_naming_the_file(corpus, tmp_path, change, message):
     grid = _grid(corpus, tmp_path)
     grid.update(change)
@@ -166,6 +168,22 @@ def test_bad_grid_is_one_line_naming_the_file(corpus, tmp_path, change, message)
     path = _write_yaml(tmp_path / "grid.yaml", grid)
     with pytest.raises(GridError, match=f"^{re.escape(str(path))}: {message}"):
         read_grid(str(path))
+
+
+def test_variants_share_the_runs_their_flags_do_not_change(corpus, tmp_path):
+    """A variant that only sets a plan's phases applies to two-phase runs; the baseline is the same run for it and
+    for a variant without flags (named without a variant); a variant with other flags has its own baseline."""
+    grid = _grid(corpus, tmp_path)
+    grid["variants"] = {"paper": {}, "p2": {"phase2-lr-warmup-iters": 0, "phase2-lr": 1e-3}, "hot": {"lr": 5e-3}}
+    points = {p.name: p for p in read_grid(str(_write_yaml(tmp_path / "grid.yaml", grid))).points}
+    assert sorted(points) == sorted([BASE, f"{BASE}_variant=hot", f"{PLAN}_variant=paper", f"{PLAN}_variant=p2",
+                                     f"{PLAN}_variant=hot"])
+    tail = lambda name: " ".join(points[name].train_command[2:])  # noqa: E731
+    plan = tail(f"{PLAN}_variant=p2")
+    assert "--phase2-lr-warmup-iters 0" in plan and "--phase2-lr 0.001" in plan and "--lr 0.003" in plan
+    assert plan.endswith(f"--patch-size 4 --patch-fraction 0.5 --save {tmp_path}/sweep/runs/{PLAN}_variant=p2 "
+                         f"--log-json {tmp_path}/sweep/runs/{PLAN}_variant=p2/train.jsonl")
+    assert points[f"{PLAN}_variant=p2"].directory == f"{tmp_path}/sweep/runs/{PLAN}_variant=p2"
 
 
 def test_bad_grid_file_and_flag_are_one_line_on_stderr(corpus, tmp_path):

@@ -10,6 +10,7 @@ import sentencepiece
 
 from helpers import PYTHON, TORCH_DIST, TP2, launcher, phase_flags, run
 from megatron_patch import runlog
+from megatron_patch.cli.evaluate import main as evaluate_main
 from megatron_patch.data.indexed import IndexHeader
 from megatron_patch.evaluation import text_windows
 
@@ -104,7 +105,7 @@ def test_text_windows_predict_each_position_once_with_growing_context(length, st
     assert predicted == ids[1:]
 
 
-def test_bad_input_is_one_line(runs, tmp_path):
+def test_bad_input_is_one_line(runs, tmp_path, capsys):
     ckpt, _ = runs[1]
     (tmp_path / "empty").mkdir()
     broken = tmp_path / "broken"
@@ -112,17 +113,21 @@ def test_bad_input_is_one_line(runs, tmp_path):
     (broken / "latest_checkpointed_iteration.txt").write_text("7\n")
     bad_text = tmp_path / "bad.jsonl"
     bad_text.write_text('{"text": "fine"}\n{"text": \n')
-    cases = [
+    # Refused before any process group starts: in this process.
+    for args, message in [
         (["--load", str(tmp_path / "empty")], "not a checkpoint directory"),
         (["--load", str(broken)], "missing or incomplete checkpoint"),
-        (["--load", ckpt, "--text", str(bad_text)], f"{bad_text}:2: malformed JSON"),
         (["--load", ckpt, "--split-name", "valid", "--text", str(bad_text)], "not both"),
         (["--load", ckpt, "--tensor-model-parallel-size", "3"], "is not divisible by tensor x pipeline parallel size"),
-    ]
-    for args, message in cases:
-        result = evaluate(*args, check=False)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (args, result.stderr)
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            evaluate_main(args)
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], (args, lines)
+    # Found while reading the text, in a run.
+    result = evaluate("--load", ckpt, "--text", str(bad_text), check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and f"{bad_text}:2: malformed JSON" in lines[0], result.stderr
 
 
 # HF's loss on the windows evaluate.py reads, in a process of its own (no megatron-core CPU shims there).

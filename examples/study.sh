@@ -2,7 +2,7 @@
 # The CPU-scale study of RESULTS.md, end to end: the corpus (examples/study_corpus.py, every State of the Union
 # address; every 20th document held out), a 4000-piece tokenizer, a dataset padded per document to multiples of 8
 # tokens (so K = 2, 4 and 8 read it), then the grids of examples/study/ one after another with tools/sweep.py. Runs
-# already finished are skipped, so a rerun after an interruption goes on where it stopped. About 3 hours on 2 idle
+# already finished are skipped, so a rerun after an interruption goes on where it stopped. About 2.5 hours on 2 idle
 # cores; keep the machine otherwise quiet (the tables report wall times, and the runs share the cores).
 # GRIDS: which grids, in this order (default: all).
 set -euo pipefail

@@ -9,6 +9,7 @@ a line, two-phase runs by another), so "same compute" is a vertical line and "sa
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -188,6 +189,19 @@ def unigram_perplexity(runs_dir: str) -> float:
     return math.exp(nll / n)
 
 
+def patch_loss_windows(runs_dir: str, grid: str, starts=(1, 100, 200, 300, 600, 1100), width=72) -> str:
+    """Mean patch-level training loss of a patch-only grid's run over windows of steps (its train.jsonl)."""
+    from megatron_patch import runlog
+
+    lines = []
+    for path in sorted(glob.glob(os.path.join(runs_dir, grid, "runs", "*", "train.jsonl"))):
+        losses = {i: r["loss"] for i, r in runlog.steps(path).items()}
+        means = [f"steps {a}-{a + width - 1}: {sum(v) / len(v):.2f}" for a in starts
+                 if (v := [loss for i, loss in losses.items() if a <= i < a + width])]
+        lines.append(f"{os.path.basename(os.path.dirname(path))}: mean patch-level loss, " + "; ".join(means))
+    return "\n".join(lines)
+
+
 def figure(rows, output: str, unigram: float) -> None:
     import matplotlib
 
@@ -233,6 +247,10 @@ def main():
         rows = fill_costs(load(args.runs, grid), budgets)
         if rows:
             print(f"\n## {title}\n\n" + variants_table(rows, variant_flags(args.runs, grid)))
+    long = load(args.runs, "patch_long")
+    if long:
+        print("\n## Patch-only, long (h96)\n\n" + variants_table(fill_costs(long, budgets), {}) + "\n\n"
+              + patch_loss_windows(args.runs, "patch_long"))
     unigram = unigram_perplexity(args.runs)
     print(f"\nheld-out perplexity of the training split's unigram frequencies: {unigram:.1f}")
     if args.figure:

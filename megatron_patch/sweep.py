@@ -42,7 +42,7 @@ from typing import Dict, List, Optional
 from megatron_patch import tracker
 from megatron_patch.config import ConfigError, TrainingConfig
 from megatron_patch.flags import parse_args
-from megatron_patch.plan import phases_to_run
+from megatron_patch.plan import PER_PHASE_FLAGS, phases_to_run
 from megatron_patch.runs import Run, RunError, read_evaluation, read_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ KEYS = ("out", "nproc_per_node", "common", "sizes", "K", "lambda", "tokens", "se
 PER_RUN_FLAGS = ("--patch-size", "--patch-fraction", "--train-tokens", "--train-iters", "--seed", "--save", "--load",
                  "--log-json", "--phase", "--pretrained-checkpoint")
 EVAL_OWN_FLAGS = ("--load", "--output", "--iteration")
-PLAN_PHASE_FLAGS = ("--phase1-lr", "--phase2-lr", "--phase1-lr-warmup-iters", "--phase2-lr-warmup-iters")
+PLAN_PHASE_FLAGS = tuple("--" + name.replace("_", "-") for name in PER_PHASE_FLAGS)  # --phase1-lr, ...
 COLUMNS = ["run", "size", "K", "lambda", "tokens", "seed", "variant", "ppl", "bits_per_byte", "eval_loss", "valid_loss",
            "trained_tokens", "flops", "wall_seconds", "flops_vs_baseline"]
 

@@ -51,11 +51,15 @@ def ratio(row, base) -> str:
     return "n/a" if base is None else f"{row['ppl'] / base['ppl']:.2f}x"
 
 
+def token_only_curve(rows, size: str) -> list:
+    """(tokens, PPL) of the size's token-only runs (no variant), by tokens."""
+    return sorted((r["tokens"], r["ppl"]) for r in rows if r["size"] == size and r["lambda"] == 0 and not r["variant"])
+
+
 def equivalent_tokens(rows, row):
     """The tokens a token-only run of the row's size would need for the row's PPL: log-log interpolation between
     the size's token-only runs; None outside their range."""
-    curve = sorted((r["tokens"], r["ppl"]) for r in rows if r["size"] == row["size"] and r["lambda"] == 0
-                   and not r["variant"])
+    curve = token_only_curve(rows, row["size"])
     for (t0, p0), (t1, p1) in zip(curve, curve[1:]):
         if min(p0, p1) <= row["ppl"] <= max(p0, p1):
             where = math.log(row["ppl"] / p0) / math.log(p1 / p0)
@@ -65,8 +69,7 @@ def equivalent_tokens(rows, row):
 
 def ppl_at_tokens(rows, size: str, tokens: float):
     """The token-only PPL of `size` at `tokens`: log-log interpolation between its runs; None outside them."""
-    curve = sorted((r["tokens"], r["ppl"]) for r in rows if r["size"] == size and r["lambda"] == 0
-                   and not r["variant"])
+    curve = token_only_curve(rows, size)
     for (t0, p0), (t1, p1) in zip(curve, curve[1:]):
         if t0 <= tokens <= t1:
             return p0 * (p1 / p0) ** (math.log(tokens / t0) / math.log(t1 / t0))
@@ -102,8 +105,7 @@ def exchange(rows, row) -> str:
     tokens, spent = equivalent_tokens(rows, row), row["tokens"] * row["flops_vs_baseline"]
     if tokens is not None:
         return f"{tokens / 1e6:.2f}M", f"{tokens / spent:.2f}x"
-    curve = sorted((r["tokens"], r["ppl"]) for r in rows if r["size"] == row["size"] and r["lambda"] == 0
-                   and not r["variant"])
+    curve = token_only_curve(rows, row["size"])
     if curve and row["ppl"] > curve[0][1]:  # worse than the smallest token-only run
         return f"< {curve[0][0] / 1e6:g}M", f"< {curve[0][0] / spent:.2f}x"
     if curve and row["ppl"] < curve[-1][1]:

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_patch import parallel
-from megatron_patch.attention import SDPAttention
-from megatron_patch.config import ModelConfig, ParallelConfig
-from megatron_patch.model import transformer_config
+from megatron_patch.config.schema import ModelConfig, ParallelConfig
+from megatron_patch.distributed import parallel
+from megatron_patch.method.attention import SDPAttention
+from megatron_patch.method.model import transformer_config
 
 VARIANTS = ("unfused", "sdpa", "bare")
 

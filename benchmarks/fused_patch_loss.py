@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megatron_patch.patching import patch_cross_entropy
+from megatron_patch.method.patching import patch_cross_entropy
 
 
 def loss_fn(variant: str, k: int):

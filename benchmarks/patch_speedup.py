@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from megatron_patch import parallel
-from megatron_patch.config import ModelConfig, ParallelConfig
-from megatron_patch.model import build_model
+from megatron_patch.config.schema import ModelConfig, ParallelConfig
+from megatron_patch.distributed import parallel
+from megatron_patch.method.model import build_model
 
 
 def transformer_flops(cfg: ModelConfig, vocab: int, positions: int, batch: int) -> float:

@@ -193,11 +193,11 @@ def unigram_perplexity(runs_dir: str) -> float:
 
 def patch_loss_windows(runs_dir: str, grid: str, starts=(1, 100, 200, 300, 600, 1100), width=72) -> str:
     """Mean patch-level training loss of a patch-only grid's run over windows of steps (its train.jsonl)."""
-    from megatron_patch import runlog
+    from megatron_patch.training import json_log
 
     lines = []
     for path in sorted(glob.glob(os.path.join(runs_dir, grid, "runs", "*", "train.jsonl"))):
-        losses = {i: r["loss"] for i, r in runlog.steps(path).items()}
+        losses = {i: r["loss"] for i, r in json_log.steps(path).items()}
         means = [f"steps {a}-{a + width - 1}: {sum(v) / len(v):.2f}" for a in starts
                  if (v := [loss for i, loss in losses.items() if a <= i < a + width])]
         lines.append(f"{os.path.basename(os.path.dirname(path))}: mean patch-level loss, " + "; ".join(means))

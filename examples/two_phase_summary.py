@@ -7,7 +7,7 @@ two-phase schedule relative to token-level training on the same number of tokens
 
 import sys
 
-from megatron_patch.runlog import last_summary
+from megatron_patch.training.json_log import last_summary
 
 
 def summary(path):

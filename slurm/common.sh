@@ -28,7 +28,7 @@ require_settings() {
   fi
 }
 
-# The tokenizer flags (Megatron-LM's, megatron_patch/tokenizer_spec.py) from the settings that are set:
+# The tokenizer flags (Megatron-LM's, megatron_patch/config/tokenizer.py) from the settings that are set:
 # TOKENIZER_TYPE, TOKENIZER_MODEL (SentencePiece .model, HF tokenizer.json or directory), VOCAB_FILE + MERGE_FILE
 # (GPT2BPETokenizer), VOCAB_SIZE (NullTokenizer). A tokenizer is required: TOKENIZER_SETTING is the
 # require_settings entry for it.

@@ -10,8 +10,8 @@ import os
 import pytest
 
 from helpers import PYTHON, free_port, run, train_losses
-from megatron_patch import parallel
-from megatron_patch.config import ParallelConfig
+from megatron_patch.config.schema import ParallelConfig
+from megatron_patch.distributed import parallel
 
 
 @pytest.fixture(scope="session")

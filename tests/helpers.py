@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from megatron_patch import runlog
-from megatron_patch.parallel import free_port
+from megatron_patch.distributed.parallel import free_port
+from megatron_patch.training import json_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -78,7 +78,7 @@ def train_run(corpus, out, k, extra=(), steps=4, launch=(PYTHON,), tied=False):
     log = out / f"run{next(_RUN_IDS)}.jsonl"
     result = run([*launch, f"{ROOT}/pretrain_patch_gpt.py", *phase_flags(corpus, out, k, extra, steps, tied),
                   "--log-json", str(log)])
-    records = list(runlog.steps(str(log)).values())
+    records = list(json_log.steps(str(log)).values())
     series = ([r["loss"] for r in records], [r["grad_norm"] for r in records],
               [loss for r in records for loss in r["microbatch_losses"]])
     return series, result.stdout

@@ -4,7 +4,7 @@
   python tools/train_tokenizer.py --input corpus.jsonl --model-prefix tok --vocab-size 8000
 
 The command line of megatron_patch.cli.train_tokenizer (see --help); the work is
-megatron_patch.data.tokenizer_training.
+megatron_patch.data.tokenizers.training.
 """
 
 from megatron_patch.cli.train_tokenizer import main

@@ -7,7 +7,7 @@
 
 Any checkpoint of this project (any TP/PP layout, DeepSpeed's consolidated weights, phase 1 or 2) in any layout
 (resharded on load). Prints one line per score and the result as JSON (--output FILE also writes it).
-See megatron_patch/evaluation.py for what is measured.
+See megatron_patch/evaluation/evaluate.py for what is measured.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import argparse
 import json
 import sys
 
-from megatron_patch import parallel
-from megatron_patch.config import ConfigError, ParallelConfig
+from megatron_patch.config.flags import non_negative_int, positive_int
+from megatron_patch.config.schema import ConfigError, ParallelConfig
+from megatron_patch.config.tokenizer import TokenizerError, TokenizerSpec, add_tokenizer_arguments, given_or_runs
 from megatron_patch.data.corpus import BadInput
 from megatron_patch.data.dataset import DataError
-from megatron_patch.evaluation import SPLITS, EvaluationError, EvaluationRequest, evaluate, saved_config
-from megatron_patch.flags import non_negative_int, positive_int
-from megatron_patch.parallel import print_rank_0
-from megatron_patch.tokenizer_spec import TokenizerError, TokenizerSpec, add_tokenizer_arguments, given_or_runs
+from megatron_patch.distributed import parallel
+from megatron_patch.distributed.parallel import print_rank_0
+from megatron_patch.evaluation.evaluate import SPLITS, EvaluationError, EvaluationRequest, evaluate, saved_config
 
 PROG = "evaluate.py"
 

@@ -8,7 +8,7 @@ the weights are the same for every K) becomes LlamaForCausalLM (RMSNorm, SwiGLU,
 (LayerNorm, GELU, learned positions, biases): config.json, model.safetensors, generation_config.json and the
 tokenizer files. A model neither class computes exactly is refused, naming the feature. OUT is written as
 OUT.tmp-<pid> and renamed when complete; an existing OUT is kept unless --overwrite.
-See megatron_patch/hf_export.py for the weight mapping.
+See megatron_patch/interop/hf/convert.py for the weight mapping.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import sys
 
 import torch
 
-from megatron_patch import hf_export
-from megatron_patch.checkpoint import CheckpointError
-from megatron_patch.data.tokenizer import build_tokenizer
-from megatron_patch.hf_tokenizer import TokenizerExportError
-from megatron_patch.tokenizer_spec import TokenizerError, add_tokenizer_arguments, given_or_runs
+from megatron_patch.checkpoint.storage import CheckpointError
+from megatron_patch.config.tokenizer import TokenizerError, add_tokenizer_arguments, given_or_runs
+from megatron_patch.data.tokenizers.sentencepiece_to_hf import TokenizerExportError
+from megatron_patch.data.tokenizers.wrappers import build_tokenizer
+from megatron_patch.interop.hf import convert
 
 PROG = "export_hf.py"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -53,25 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(args) -> str:
     """Write the HF directory; returns the summary to print. ExportError / TokenizerExportError on bad input."""
-    hf_export.check_output(args.out, args.overwrite)
-    saved = hf_export.locate_checkpoint(args.checkpoint, args.iteration)
+    convert.check_output(args.out, args.overwrite)
+    saved = convert.locate_checkpoint(args.checkpoint, args.iteration)
     model = saved.model
-    family = hf_export.hf_family(model)
+    family = convert.hf_family(model)
     try:
         tokenizer = build_tokenizer(given_or_runs(args, saved.config["data"]))
     except TokenizerError as e:
-        raise hf_export.ExportError(f"{e} (the run's tokenizer, or the flags given)") from None
+        raise convert.ExportError(f"{e} (the run's tokenizer, or the flags given)") from None
     trained_with = (saved.run or {}).get("tokenizer_sha256")
     if trained_with and tokenizer.fingerprint != trained_with:
-        raise hf_export.ExportError(f"the {tokenizer.spec.type} given is not the tokenizer {saved.root} was "
+        raise convert.ExportError(f"the {tokenizer.spec.type} given is not the tokenizer {saved.root} was "
                                     "trained with (its fingerprint differs)")
     vocab_size, special_tokens = tokenizer.vocab_size, tokenizer.hf_special_ids()
     dtype = DTYPES[args.dtype or ("bf16" if saved.config.get("bf16") else "fp32")]
     full = saved.full_weights()
-    rows = full[hf_export.EMBEDDING].size(0)
-    state, config = hf_export.megatron_to_hf(full, model, vocab_size, special_tokens)
-    with hf_export.staged_directory(args.out, args.overwrite) as staging:
-        hf_export.save_hf(staging, state, config, dtype)
+    rows = full[convert.EMBEDDING].size(0)
+    state, config = convert.megatron_to_hf(full, model, vocab_size, special_tokens)
+    with convert.staged_directory(args.out, args.overwrite) as staging:
+        convert.save_hf(staging, state, config, dtype)
         tokenizer.save_hf(staging)
     parallel = saved.config["parallel"]
     parameters = sum(t.numel() for t in state.values())
@@ -80,7 +80,7 @@ def export(args) -> str:
         f"exported {saved.directory} (TP={parallel['tensor_model_parallel_size']} x "
         f"PP={parallel['pipeline_model_parallel_size']}, trained at K={saved.config.get('patch_size', 1)}) to "
         f"{args.out}",
-        f"  {hf_export.HF_CLASSES[family]}: {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"  {convert.HF_CLASSES[family]}: {model.num_layers} layers, hidden {model.hidden_size}, "
         f"{model.num_attention_heads} heads, vocabulary {vocab_size} (of {rows} padded rows), "
         f"{'untied' if model.untie_embeddings_and_output_weights else 'tied'} embeddings, "
         f"{parameters / 1e6:.2f}M parameters, {str(dtype).removeprefix('torch.')}",
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         summary = export(args)
-    except (hf_export.ExportError, TokenizerExportError, TokenizerError, CheckpointError) as e:
+    except (convert.ExportError, TokenizerExportError, TokenizerError, CheckpointError) as e:
         fail(PROG, e)
     print(summary)
 

@@ -20,12 +20,11 @@ import dataclasses
 import os
 import shlex
 
-from megatron_patch import hf_export, reshard
+from megatron_patch.checkpoint import reshard
 from megatron_patch.cli.export_hf import OneLineErrorParser, fail
-from megatron_patch.config import ModelConfig
-from megatron_patch.data.tokenizer import build_tokenizer
-from megatron_patch.flags import FLAGS
-from megatron_patch.tokenizer_spec import (
+from megatron_patch.config.flags import FLAGS
+from megatron_patch.config.schema import ModelConfig
+from megatron_patch.config.tokenizer import (
     FIELDS,
     TOKENIZER_FILES,
     TOKENIZER_FLAGS,
@@ -33,6 +32,8 @@ from megatron_patch.tokenizer_spec import (
     TokenizerSpec,
     add_tokenizer_arguments,
 )
+from megatron_patch.data.tokenizers.wrappers import build_tokenizer
+from megatron_patch.interop.hf import convert
 
 PROG = "import_hf.py"
 
@@ -77,12 +78,12 @@ def hf_dir_tokenizer(args) -> TokenizerSpec:
         elif os.path.isfile(os.path.join(args.hf_dir, "tokenizer.json")):
             given = TokenizerSpec("HuggingFaceTokenizer", args.hf_dir)
         else:
-            raise hf_export.ExportError(f"no tokenizer.model or tokenizer.json in {args.hf_dir}: give the tokenizer "
+            raise convert.ExportError(f"no tokenizer.model or tokenizer.json in {args.hf_dir}: give the tokenizer "
                                         "flags (--tokenizer-type, --tokenizer-model, ...)")
     try:
         spec = given.resolved()
     except TokenizerError as e:
-        raise hf_export.ExportError(str(e)) from None
+        raise convert.ExportError(str(e)) from None
     return dataclasses.replace(spec, **{name: os.path.abspath(getattr(spec, name)) for name in TOKENIZER_FILES
                                         if getattr(spec, name) is not None})
 
@@ -102,23 +103,23 @@ def tokenizer_flags(spec: TokenizerSpec) -> list:
 def import_model(args) -> str:
     """Write the checkpoint; returns what to print. ExportError on bad input."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    hf_export.check_output(args.out, args.overwrite)
-    config = hf_export.read_hf_config(args.hf_dir)
-    model = hf_export.model_of_hf(config)
-    hf_export.check_layout(model, tp, pp)
+    convert.check_output(args.out, args.overwrite)
+    config = convert.read_hf_config(args.hf_dir)
+    model = convert.model_of_hf(config)
+    convert.check_layout(model, tp, pp)
     spec = hf_dir_tokenizer(args)
     vocab_size = build_tokenizer(spec).vocab_size
-    full, model = hf_export.hf_to_megatron(hf_export.read_hf_weights(args.hf_dir), config)
-    rows = full[hf_export.EMBEDDING].size(0)
+    full, model = convert.hf_to_megatron(convert.read_hf_weights(args.hf_dir), config)
+    rows = full[convert.EMBEDDING].size(0)
     if rows < vocab_size:
-        raise hf_export.ExportError(f"the model's {rows}-row vocabulary is smaller than the {spec.type}'s "
+        raise convert.ExportError(f"the model's {rows}-row vocabulary is smaller than the {spec.type}'s "
                                     f"{vocab_size} ids: another tokenizer?")
     for name in reshard.VOCAB_ROWS:  # rows past the tokenizer's never occur in its data
         if name in full:
             full[name] = full[name][:vocab_size]
-    cfg = hf_export.import_config(model, tp, pp, spec)
-    with hf_export.staged_directory(args.out, args.overwrite) as staging:
-        hf_export.write_checkpoint(full, cfg, staging, tp, pp)
+    cfg = convert.import_config(model, tp, pp, spec)
+    with convert.staged_directory(args.out, args.overwrite) as staging:
+        convert.write_checkpoint(full, cfg, staging, tp, pp)
     flags = [*model_flags(model), *tokenizer_flags(spec), "--pretrained-checkpoint",
              os.path.abspath(args.out), "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size",
              str(pp)]
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         summary = import_model(args)
-    except hf_export.ExportError as e:
+    except convert.ExportError as e:
         fail(PROG, e)
     print(summary)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import sys
 
-from megatron_patch.config import ConfigError
-from megatron_patch.flags import parse_args
-from megatron_patch.plan import make_plan
+from megatron_patch.config.flags import parse_args
+from megatron_patch.config.plan import make_plan
+from megatron_patch.config.schema import ConfigError
 
 
 def main(argv=None) -> None:

@@ -7,7 +7,7 @@ RUN is [NAME=]PATH: a --log-json file, a directory or log prefix holding a plan'
 log.phase2.jsonl (joined in order) or log.jsonl, or a --tensorboard-dir directory. The table (printed in Markdown;
 --table, --json write it) gives each run's final token-level validation loss and perplexity, tokens, model FLOPs,
 FLOPs relative to the run named `baseline` (else the first), wall time and K per phase, all as the logs hold them
-(megatron_patch/runs.py); --eval NAME=FILE adds the token-level scores of an `evaluate.py --output` JSON.
+(megatron_patch/experiments/runs.py); --eval NAME=FILE adds the token-level scores of an `evaluate.py --output` JSON.
 
 The figure (--output, PNG): token-level validation loss (every phase's model read at K=1: comparable across
 phases and runs) against cumulative model FLOPs and tokens, and the train loss likewise. The train loss is each
@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Dict, List
 
-from megatron_patch.runs import Run, RunError, markdown, phases_label, read_runs, table, to_json
+from megatron_patch.experiments.runs import Run, RunError, markdown, phases_label, read_runs, table, to_json
 
 PROG = "plot_runs.py"
 PANELS = ("valid_vs_flops", "valid_vs_tokens", "train_vs_flops", "train_vs_tokens")

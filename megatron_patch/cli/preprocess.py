@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 
+from megatron_patch.config.tokenizer import add_tokenizer_arguments
 from megatron_patch.data.corpus import BadInput
 from megatron_patch.data.preprocess import (
     Job,
@@ -42,7 +43,6 @@ from megatron_patch.data.preprocess import (
     process_group,
     raise_terminated,
 )
-from megatron_patch.tokenizer_spec import add_tokenizer_arguments
 
 
 def build_parser():

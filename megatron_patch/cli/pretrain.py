@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import sys
 
-from megatron_patch import parallel, tracker
-from megatron_patch.checkpoint import CheckpointSaveError
-from megatron_patch.config import ConfigError
+from megatron_patch.checkpoint import layout
+from megatron_patch.checkpoint.storage import CheckpointSaveError
+from megatron_patch.config.flags import parse_args
+from megatron_patch.config.plan import phases_to_run
+from megatron_patch.config.schema import ConfigError
 from megatron_patch.data.dataset import DataError
-from megatron_patch.engine import DeepSpeedTrainer
-from megatron_patch.flags import parse_args
-from megatron_patch.parallel import print_rank_0
-from megatron_patch.plan import phases_to_run
-from megatron_patch.train import Trainer, TrainingDiverged, pretrain
+from megatron_patch.distributed import parallel
+from megatron_patch.distributed.parallel import print_rank_0
+from megatron_patch.training.deepspeed import DeepSpeedTrainer
+from megatron_patch.training.trainer import Trainer, TrainingDiverged, pretrain
 
 
 def _fail(error: Exception, code: int, say: bool = True):
@@ -37,7 +38,7 @@ def main(argv=None) -> None:
         if plan:
             print_rank_0(plan.describe())
         for phase in phases:
-            if plan and tracker.latest_iteration(phase.save) == phase.train_iters:
+            if plan and layout.latest_iteration(phase.save) == phase.train_iters:
                 print_rank_0(f"{phase.save}: already complete at iteration {phase.train_iters}, skipped")
                 continue
             pretrain(phase, DeepSpeedTrainer if phase.deepspeed.enabled else Trainer)

@@ -6,7 +6,7 @@ this machine or submitted to Slurm, each evaluated at token level, compared in o
   python tools/sweep.py grid.yaml --slurm [--dry-run]  # queue each two-phase point via slurm/submit_two_phase.sh
   python tools/sweep.py grid.yaml --collect          # evaluate trained runs (e.g. after Slurm), then the results
 
-The grid file's format: megatron_patch/sweep.py (and README.md, "Sweeps"). Each run lives in OUT/runs/NAME/
+The grid file's format: megatron_patch/experiments/sweep.py (and README.md, "Sweeps"). Each run lives in OUT/runs/NAME/
 (NAME = size=S_K=K_lambda=L_tokens=D_seed=N): checkpoints, train.jsonl logs, train.out, eval.json, eval.out. A run
 is finished when its final checkpoint holds the planned iteration and eval.json scores it; finished runs are
 skipped, unfinished ones resume. Results: OUT/results.csv, results.md, results.json, loss_vs_compute.png (every
@@ -24,8 +24,8 @@ import time
 from typing import Dict, List
 
 from megatron_patch.cli.plot_runs import plot
-from megatron_patch.runs import Run, RunError
-from megatron_patch.sweep import (
+from megatron_patch.experiments.runs import Run, RunError
+from megatron_patch.experiments.sweep import (
     Grid,
     GridError,
     Point,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from megatron_patch.data.tokenizer_training import train_byte_level_bpe, train_sentencepiece
+from megatron_patch.data.tokenizers.training import train_byte_level_bpe, train_sentencepiece
 
 
 def build_parser():

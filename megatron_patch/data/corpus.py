@@ -31,8 +31,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy
 import zstandard
 
-from megatron_patch.data.tokenizer import TOKENIZE_ERRORS, Tokenizer, build_tokenizer
-from megatron_patch.tokenizer_spec import TokenizerSpec
+from megatron_patch.config.tokenizer import TokenizerSpec
+from megatron_patch.data.tokenizers.wrappers import TOKENIZE_ERRORS, Tokenizer, build_tokenizer
 
 READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 FORMAT_SUFFIXES = (".jsonl", ".json", ".txt")

@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from megatron_patch.config.tokenizer import TokenizerError, TokenizerSpec
 from megatron_patch.data.corpus import (
     BadInput,
     Encoder,
@@ -41,8 +42,7 @@ from megatron_patch.data.corpus import (
     split_inputs,
 )
 from megatron_patch.data.indexed import DatasetWriter, token_dtype
-from megatron_patch.data.tokenizer import build_tokenizer
-from megatron_patch.tokenizer_spec import TokenizerError, TokenizerSpec
+from megatron_patch.data.tokenizers.wrappers import build_tokenizer
 
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 MAX_REPORTED = 100  # skipped lines listed per process; the rest are counted

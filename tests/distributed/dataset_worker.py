@@ -12,9 +12,9 @@ import sys
 import numpy
 import torch.distributed as dist
 
-from megatron_patch import parallel
-from megatron_patch.flags import parse_args
-from megatron_patch.train import Trainer
+from megatron_patch.config.flags import parse_args
+from megatron_patch.distributed import parallel
+from megatron_patch.training.trainer import Trainer
 
 out, argv = sys.argv[1], sys.argv[2:]
 cfg = parse_args(argv).resolve(parallel.launch_from_env().world_size)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_patch.patching import patch_cross_entropy
+from megatron_patch.method.patching import patch_cross_entropy
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

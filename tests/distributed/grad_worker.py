@@ -9,10 +9,11 @@ import sys
 
 import torch.distributed as dist
 
-from megatron_patch import checkpoint, parallel
-from megatron_patch.config import to_dict
-from megatron_patch.flags import parse_args
-from megatron_patch.train import Trainer
+from megatron_patch.checkpoint import storage
+from megatron_patch.config.flags import parse_args
+from megatron_patch.config.schema import to_dict
+from megatron_patch.distributed import parallel
+from megatron_patch.training.trainer import Trainer
 
 out, argv = sys.argv[1], sys.argv[2:]
 cfg = parse_args(argv).resolve(parallel.launch_from_env().world_size)
@@ -24,10 +25,10 @@ for chunk in trainer.chunks:
     chunk.zero_grad_buffer()
 trainer.run_batches(trainer.data_iterators(train, 0), trainer.num_microbatches, forward_only=False)
 grads = {
-    checkpoint.model_key(i, len(trainer.models)): {name: p.main_grad.detach().clone()
+    storage.model_key(i, len(trainer.models)): {name: p.main_grad.detach().clone()
                                                     for name, p in model.named_parameters()}
     for i, model in enumerate(trainer.models)
 }
-checkpoint.save(out, 1, {**grads, "config": to_dict(cfg)}, trainer.run_description)
+storage.save(out, 1, {**grads, "config": to_dict(cfg)}, trainer.run_description)
 dist.barrier()
 parallel.destroy()

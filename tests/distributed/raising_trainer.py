@@ -10,7 +10,7 @@ import os
 import sys
 
 from megatron_patch.cli.pretrain import main
-from megatron_patch.train import Trainer
+from megatron_patch.training.trainer import Trainer
 
 rank, at = int(sys.argv[1]), int(sys.argv[2])
 train_step = Trainer.train_step

@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from helpers import PP2, TP2, assert_same_run, launcher, phase_flags, run, train_losses, train_run
-from megatron_patch import runlog
+from megatron_patch.training import json_log
 
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 GQA = ["--group-query-attention", "--num-query-groups", "2"]  # the tiny preset's 4 heads share 2 key/value groups
@@ -51,7 +51,7 @@ def _first_step_loss(corpus, out, layout, pretrained):
     run([*launcher(2 if layout else 1), "pretrain_patch_gpt.py", *phase_flags(corpus, out, 1, [
         *GQA, *layout, "--lr-warmup-iters", "0", "--pretrained-checkpoint", pretrained, "--log-json", str(log)],
         steps=1)])
-    return runlog.steps(str(log))[1]["loss"]
+    return json_log.steps(str(log))[1]["loss"]
 
 
 def test_grouped_query_checkpoint_hands_off_from_tp2_to_tp1(corpus, tmp_path, gqa_tp2):

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from helpers import PYTHON, ROOT, assert_same_run, free_port, launcher, phase_flags, run, train_losses, train_run
-from megatron_patch import reshard, runlog
-from megatron_patch.tracker import TRACKER, iteration_dir
+from megatron_patch.checkpoint import reshard
+from megatron_patch.checkpoint.layout import TRACKER, iteration_dir
+from megatron_patch.training import json_log
 
 STEPS = 5
 LAYOUTS = {"dp2": (2, []), "tp2_dp2": (4, ["--tensor-model-parallel-size", "2"])}
@@ -159,7 +160,7 @@ def test_a_two_phase_plan_under_deepspeed_gives_the_plan_without(corpus, tmp_pat
             "--save", str(out / "ckpt"), "--log-json", str(out / "log.jsonl"), *extra], steps=10)])
         losses = []
         for phase in ("phase1", "phase2"):
-            losses.append([r["loss"] for r in runlog.steps(str(out / f"log.{phase}.jsonl")).values()])
+            losses.append([r["loss"] for r in json_log.steps(str(out / f"log.{phase}.jsonl")).values()])
         return losses
 
     without = phase_losses(tmp_path / "plain", [PYTHON], [])

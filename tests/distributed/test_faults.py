@@ -11,7 +11,7 @@ import time
 import psutil
 
 from helpers import PYTHON, ROOT, TORCHRUN, free_port, phase_flags
-from megatron_patch import checkpoint, tracker
+from megatron_patch.checkpoint import layout, storage
 
 
 def _start(cmd, out, env=None):
@@ -40,10 +40,10 @@ def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
 
 def _assert_complete(root, iteration):
     """The tracker points at `iteration`, whose checkpoint is whole and loads; nothing newer looks complete."""
-    assert tracker.latest_iteration(root) == iteration
-    shard = os.path.join(tracker.iteration_dir(root, iteration), "mp_rank_00", "model_optim_rng.pt")
-    assert checkpoint.read(shard)["iteration"] == iteration
-    assert not os.path.exists(tracker.iteration_dir(root, iteration) + ".tmp")
+    assert layout.latest_iteration(root) == iteration
+    shard = os.path.join(layout.iteration_dir(root, iteration), "mp_rank_00", "model_optim_rng.pt")
+    assert storage.read(shard)["iteration"] == iteration
+    assert not os.path.exists(layout.iteration_dir(root, iteration) + ".tmp")
 
 
 def test_a_failing_rank_ends_the_run_and_the_next_run_resumes(corpus, tmp_path):
@@ -65,14 +65,14 @@ def test_a_failing_rank_ends_the_run_and_the_next_run_resumes(corpus, tmp_path):
 
     # 2. resumed from 3; kill -9 of rank 1 once a checkpoint of this run is saved: torchrun ends the run.
     second = _start([*torchrun, "pretrain_patch_gpt.py", *flags], tmp_path / "2.out")
-    _wait_for(lambda: (tracker.latest_iteration(str(ckpt)) or 0) >= 6)
+    _wait_for(lambda: (layout.latest_iteration(str(ckpt)) or 0) >= 6)
     _rank_process(second, 1).send_signal(signal.SIGKILL)
     killed = time.time()
     assert second.wait(timeout=120) != 0
     print(f"kill -9 of rank 1: torchrun exited {time.time() - killed:.1f} s later")
     assert time.time() - killed < 60
     assert f"resumed from {ckpt} at iteration 3" in (tmp_path / "2.out").read_text()
-    saved = tracker.latest_iteration(str(ckpt))
+    saved = layout.latest_iteration(str(ckpt))
     _assert_complete(str(ckpt), saved)
 
     # 3. two processes started without a launcher (as srun or mpirun would); rank 1 stops (SIGSTOP) after this
@@ -82,7 +82,7 @@ def test_a_failing_rank_ends_the_run_and_the_next_run_resumes(corpus, tmp_path):
     ranks = [_start([PYTHON, "pretrain_patch_gpt.py", *flags, *timeout], tmp_path / f"3.rank{rank}.out",
                     dict(env, RANK=str(rank), LOCAL_RANK=str(rank))) for rank in (0, 1)]
     try:
-        _wait_for(lambda: tracker.latest_iteration(str(ckpt)) > saved)
+        _wait_for(lambda: layout.latest_iteration(str(ckpt)) > saved)
         ranks[1].send_signal(signal.SIGSTOP)
         stopped = time.time()
         assert ranks[0].wait(timeout=120) == 1
@@ -95,4 +95,4 @@ def test_a_failing_rank_ends_the_run_and_the_next_run_resumes(corpus, tmp_path):
     output = (tmp_path / "3.rank0.out").read_text()
     assert f"resumed from {ckpt} at iteration {saved}" in output
     assert "Timed out" in output
-    _assert_complete(str(ckpt), tracker.latest_iteration(str(ckpt)))
+    _assert_complete(str(ckpt), layout.latest_iteration(str(ckpt)))

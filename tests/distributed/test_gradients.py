@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from helpers import LAYOUTS, ROOT, launcher, phase_flags, run
-from megatron_patch import reshard, tracker
-from megatron_patch.config import ParallelConfig
-from megatron_patch.model import build_model
-from megatron_patch.presets import preset_model
+from megatron_patch.checkpoint import layout, reshard
+from megatron_patch.config.presets import preset_model
+from megatron_patch.config.schema import ParallelConfig
+from megatron_patch.method.model import build_model
 
 
 def full_gradients(corpus, out, k, nproc, flags, start, sharding):
@@ -16,7 +16,7 @@ def full_gradients(corpus, out, k, nproc, flags, start, sharding):
                                           "--micro-batch-size", "1", *flags])
     run([*launcher(nproc), f"{ROOT}/tests/distributed/grad_worker.py", str(out / "grads"), *flags],
         env={"PYTHONPATH": ROOT})
-    return reshard.full_state_dict(tracker.iteration_dir(str(out / "grads"), 1), sharding)
+    return reshard.full_state_dict(layout.iteration_dir(str(out / "grads"), 1), sharding)
 
 
 @pytest.fixture(scope="module")

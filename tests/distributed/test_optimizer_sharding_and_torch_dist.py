@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers import PP2, TORCH_DIST, TP2, assert_same_run, launcher, phase_flags, run, train_run
-from megatron_patch import checkpoint, runlog, tracker
+from megatron_patch.checkpoint import layout, storage
+from megatron_patch.training import json_log
 
 DISTOPT = ["--use-distributed-optimizer"]
 OVERLAPS = [*DISTOPT, "--overlap-grad-reduce", "--overlap-param-gather"]
@@ -46,11 +47,11 @@ def test_distributed_optimizer_resumes_bitwise(corpus, tmp_path):
         log = str(tmp_path / f"{name}.jsonl")
         _run(corpus, tmp_path, 2, [*OVERLAPS, "--hidden-dropout", "0.1", "--ckpt-format", ckpt_format,
                                    "--save", str(tmp_path / name), "--load", str(tmp_path / name), *extra], count, log)
-        return runlog.steps(log)
+        return json_log.steps(log)
 
     reference = steps("reference", [], 6)
     resumed = steps("stopped", ["--exit-interval", "3"], 6)
-    assert max(resumed) == 3 and tracker.latest_iteration(str(tmp_path / "stopped")) == 3
+    assert max(resumed) == 3 and layout.latest_iteration(str(tmp_path / "stopped")) == 3
     resumed = steps("stopped", [], 6)
     for iteration in range(1, 7):
         for key in ("loss", "grad_norm", "microbatch_losses", "lr"):
@@ -63,14 +64,14 @@ def test_torch_dist_checkpoint_loads_into_other_layouts_with_the_same_next_step(
     saved = tmp_path / "tp2_pp2"
     _run(corpus, tmp_path, 4, [*TP2, *PP2, *DISTOPT, *TORCH_DIST, "--save", str(saved), "--save-interval", "3"], 4,
          str(tmp_path / "tp2_pp2.jsonl"))
-    reference = runlog.steps(str(tmp_path / "tp2_pp2.jsonl"))[4]["loss"]
-    tracker.write_tracker(str(saved), 3)  # as if the run had stopped after iteration 3
-    for name, nproc, layout in [("tp1", 1, []), ("pp2_dp2", 4, PP2)]:
+    reference = json_log.steps(str(tmp_path / "tp2_pp2.jsonl"))[4]["loss"]
+    layout.write_tracker(str(saved), 3)  # as if the run had stopped after iteration 3
+    for name, nproc, parallel_flags in [("tp1", 1, []), ("pp2_dp2", 4, PP2)]:
         log = str(tmp_path / f"{name}.jsonl")
-        result = _run(corpus, tmp_path, nproc, [*layout, *DISTOPT, "--load", str(saved)], 4, log)
+        result = _run(corpus, tmp_path, nproc, [*parallel_flags, *DISTOPT, "--load", str(saved)], 4, log)
         assert f"resumed from {saved} at iteration 3" in result.stdout
-        assert list(runlog.steps(log)) == [4]
-        assert runlog.steps(log)[4]["loss"] == pytest.approx(reference, rel=1e-5), name
+        assert list(json_log.steps(log)) == [4]
+        assert json_log.steps(log)[4]["loss"] == pytest.approx(reference, rel=1e-5), name
 
 
 def test_conversion_between_formats_round_trips(corpus, tmp_path):
@@ -81,12 +82,12 @@ def test_conversion_between_formats_round_trips(corpus, tmp_path):
         log = str(tmp_path / f"{target}.jsonl")
         _run(corpus, tmp_path, 1, [*DISTOPT, "--ckpt-format", ckpt_format, "--load", str(tmp_path / source),
                                    "--save", str(tmp_path / target), *extra], steps, log)
-        return runlog.steps(log)
+        return json_log.steps(log)
 
     convert("none", "legacy", "torch")
     convert("legacy", "dist", "torch_dist")
     convert("dist", "back", "torch")
-    first, back = (checkpoint.read(str(tmp_path / name / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt"))
+    first, back = (storage.read(str(tmp_path / name / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt"))
                    for name in ("legacy", "back"))
     for key in ("model", "optimizer", "iteration", "consumed_samples", "opt_param_scheduler"):
         assert_equal_trees(first[key], back[key])

@@ -10,7 +10,8 @@ import psutil
 import pytest
 
 from helpers import PP2, ROOT, TP2, launcher, phase_flags, run
-from megatron_patch import runlog, tracker
+from megatron_patch.checkpoint import layout
+from megatron_patch.training import json_log
 
 _LOG_IDS = itertools.count()
 
@@ -23,25 +24,25 @@ def test_kill_9_between_checkpoints_then_resume_gives_bitwise_the_same_steps(cor
             "--save-interval", "5", "--log-json", str(out) + ".jsonl"], steps=24)]
 
     run(flags(tmp_path / "reference"))
-    reference = runlog.steps(str(tmp_path / "reference") + ".jsonl")
+    reference = json_log.steps(str(tmp_path / "reference") + ".jsonl")
 
     crashed, log = tmp_path / "crashed", str(tmp_path / "crashed") + ".jsonl"
     proc = subprocess.Popen(flags(crashed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (
-            os.path.exists(log) and max(runlog.steps(log), default=0) in (7, 12, 17)):
+            os.path.exists(log) and max(json_log.steps(log), default=0) in (7, 12, 17)):
         time.sleep(0.01)  # just logged: midway between two checkpoints
     # torchrun and both workers (torchrun starts each in a session of its own), no chance to clean up.
     for victim in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
         victim.send_signal(signal.SIGKILL)
     proc.wait()
-    reached = max(runlog.steps(log))
-    saved = tracker.latest_iteration(str(crashed))
+    reached = max(json_log.steps(log))
+    saved = layout.latest_iteration(str(crashed))
     assert 5 <= saved < reached < 24  # killed between checkpoints: steps after `saved` are lost and redone
 
     resumed = run(flags(crashed))
     assert f"resumed from {crashed} at iteration {saved}" in resumed.stdout
-    after = runlog.steps(log)
+    after = json_log.steps(log)
     assert sorted(after) == list(range(1, 25))
     for iteration in range(saved + 1, 25):
         for key in ("loss", "grad_norm", "microbatch_losses", "lr"):
@@ -56,7 +57,7 @@ def _first_step_loss(corpus, out, layout, pretrained, tied):
     log = out / f"handoff{next(_LOG_IDS)}.jsonl"
     run([*launcher(2 if layout else 1), "pretrain_patch_gpt.py", *_flags(corpus, out, 1, [
         *layout, "--lr-warmup-iters", "0", "--pretrained-checkpoint", pretrained, "--log-json", str(log)], tied, 1)])
-    return runlog.steps(str(log))[1]["loss"]
+    return json_log.steps(str(log))[1]["loss"]
 
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ensure_programs
-from megatron_patch.parallel import free_port
+from megatron_patch.distributed.parallel import free_port
 
 NODES = ("n1", "n2")
 RUNTIME_ROOT = Path(tempfile.gettempdir()) / "megatron-patch-slurm"

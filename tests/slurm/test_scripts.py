@@ -9,7 +9,8 @@ import time
 import pytest
 
 from helpers import PYTHON, ROOT, TINY
-from megatron_patch import runlog, tracker
+from megatron_patch.checkpoint import layout
+from megatron_patch.training import json_log
 
 SLURM_DIR = os.path.join(ROOT, "slurm")
 
@@ -34,8 +35,8 @@ def settings(corpus, out, **overrides):
 
 def read_log_json(path):
     """(per-step records, phase summaries) of a --log-json file that may hold several runs of one phase."""
-    records = runlog.read_records(path)
-    return [r for r in records if "loss" in r], runlog.summaries(path)
+    records = json_log.read_records(path)
+    return [r for r in records if "loss" in r], json_log.summaries(path)
 
 
 def job_output(directory, name, job_id):
@@ -72,7 +73,7 @@ def test_two_phase_plan_runs_phase_2_from_phase_1_weights(two_phase_plan):
     for phase, output, patch_size, iters in [(1, phase1, 4, 30), (2, phase2, 1, 10)]:
         # One launcher per node, two trainer processes in all, each phase complete.
         assert "nodes n[1-2], 1 processes per node" in output and "world size 2" in output, output
-        assert tracker.latest_iteration(str(ckpt / f"phase{phase}")) == iters
+        assert layout.latest_iteration(str(ckpt / f"phase{phase}")) == iters
         steps, summaries = read_log_json(ckpt / f"train.phase{phase}.jsonl")
         assert [s["iteration"] for s in steps] == list(range(1, iters + 1))
         assert [(s["patch_size"], s["iteration"], s["train_iters"]) for s in summaries] == [
@@ -122,7 +123,7 @@ def test_preemption_signal_saves_requeues_and_completes(slurm_cluster, corpus, t
     assert f"resumed from {tmp_path}/ckpt/phase1 at iteration {stopped}" in output, output
     # Each step exactly once: the second run went on from the checkpoint of the first.
     assert [s["iteration"] for s in steps] == list(range(1, iters + 1))
-    assert tracker.latest_iteration(str(tmp_path / "ckpt" / "phase1")) == iters
+    assert layout.latest_iteration(str(tmp_path / "ckpt" / "phase1")) == iters
 
 
 def run_script(script, *args, env):

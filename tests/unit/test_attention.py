@@ -14,11 +14,11 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_patch.attention import PlainCausalMasks, SDPAttention
-from megatron_patch.config import ConfigError, ParallelConfig
-from megatron_patch.flags import build_parser, parse_args
-from megatron_patch.model import build_model, causal_attention_mask, transformer_config
-from megatron_patch.presets import preset_model
+from megatron_patch.config.flags import build_parser, parse_args
+from megatron_patch.config.presets import preset_model
+from megatron_patch.config.schema import ConfigError, ParallelConfig
+from megatron_patch.method.attention import PlainCausalMasks, SDPAttention
+from megatron_patch.method.model import build_model, causal_attention_mask, transformer_config
 
 VOCAB = 256
 TOLERANCE = 1e-5

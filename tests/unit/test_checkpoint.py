@@ -8,10 +8,10 @@ import time
 import pytest
 
 from helpers import PYTHON, ROOT, free_port, phase_flags, run
-from megatron_patch.config import ConfigError
-from megatron_patch.flags import parse_args
-from megatron_patch.tracker import TRACKER, latest_iteration
-from megatron_patch.train import Trainer
+from megatron_patch.checkpoint.layout import TRACKER, latest_iteration
+from megatron_patch.config.flags import parse_args
+from megatron_patch.config.schema import ConfigError
+from megatron_patch.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

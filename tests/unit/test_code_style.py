@@ -10,15 +10,20 @@ import pytest
 
 from helpers import PYTHON, ROOT, ensure_programs, run
 
-# Lowest first: a module imports only from its own layer or the ones before it (README.md, "Layout").
+# Lowest first: a module imports only from its own layer or the ones before it (README.md, "Layout"). The layers
+# are the package's folders; checkpoint.layout (file and directory names, no torch) sits with the configuration
+# because plans and run checks read checkpoint directories on login nodes.
 LAYERS = [
-    ("config", ["config", "presets", "flags", "tracker", "runlog", "runs", "flops", "deepspeed_config", "plan",
-                "tokenizer_spec", "sweep"]),
-    ("data", ["data.*", "hf_tokenizer"]),
-    ("method and model", ["patching", "compat.cpu", "compat.torch_adam", "attention", "model"]),
-    ("parallel and step", ["parallel", "step"]),
-    ("checkpoint", ["checkpoint", "reshard", "hf_export"]),
-    ("trainers", ["tracking", "train", "engine", "evaluation"]),
+    ("errors", ["errors"]),
+    ("config", ["config.*", "checkpoint.layout"]),
+    ("data", ["data.*"]),
+    ("compat", ["compat.*"]),
+    ("method", ["method.*"]),
+    ("distributed", ["distributed.*"]),
+    ("checkpoint", ["checkpoint.*"]),
+    ("training", ["training.*"]),
+    ("evaluation and interop", ["evaluation.*", "interop.*"]),
+    ("experiments", ["experiments.*"]),
     ("entry points", ["cli.*"]),
 ]
 PACKAGE = os.path.join(ROOT, "megatron_patch")
@@ -43,10 +48,12 @@ def _imports(path: str):
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megatron_patch"):
             names = [a.name for a in node.names]
-            if node.module == "megatron_patch":  # `from megatron_patch import checkpoint, parallel`
-                yield from ((name, []) for name in names)
+            package = node.module[len("megatron_patch."):]
+            # `from megatron_patch.checkpoint import layout` imports the module checkpoint.layout
+            if os.path.isdir(os.path.join(PACKAGE, *package.split("."))):
+                yield from (((f"{package}." if package else "") + name, []) for name in names)
             else:
-                yield node.module[len("megatron_patch."):], names
+                yield package, names
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("megatron_patch."):
@@ -62,6 +69,14 @@ def test_imports_point_down_the_layers_and_name_nothing_private():
                                 f"({LAYERS[_layer(imported)][0]})")
             problems += [f"{module} imports private {imported}.{n}" for n in names if n.startswith("_")]
     assert not problems, "\n".join(problems)
+
+
+def test_the_folders_are_the_layers():
+    """Every module lives in a layer's folder; the package's top level keeps at most a handful of modules."""
+    top_level = [name for name, _ in _modules() if "." not in name]
+    assert len(top_level) <= 6, top_level
+    folders = {name.split(".")[0] for name, _ in _modules() if "." in name}
+    assert folders == {p.split(".")[0] for _, patterns in LAYERS for p in patterns if p.endswith(".*")}
 
 
 def test_no_import_cycles():
@@ -82,8 +97,8 @@ def test_no_import_cycles():
 
 
 @pytest.mark.parametrize("modules", [
-    ["megatron_patch.flags", "megatron_patch.plan", "megatron_patch.cli.plan", "megatron_patch.runlog",
-     "megatron_patch.sweep", "megatron_patch.cli.sweep"],
+    ["megatron_patch.config.flags", "megatron_patch.config.plan", "megatron_patch.cli.plan",
+     "megatron_patch.training.json_log", "megatron_patch.experiments.sweep", "megatron_patch.cli.sweep"],
     ["megatron_patch.cli.preprocess", "megatron_patch.cli.merge", "megatron_patch.cli.train_tokenizer"],
 ], ids=["plan", "preprocessing"])
 def test_login_node_paths_import_no_torch(modules):

@@ -10,9 +10,9 @@ from megatron_patch.compat.cpu import _SHIMS, SKIP_ENV
 # One optimizer step of a tiny 2-stage pipeline (tied embeddings, RoPE, dropout) through megatron-core's DDP,
 # Adam with clipping, and its 1F1B schedule, on two processes; then a torch_dist checkpoint of it.
 PROBE = """
-from megatron_patch import parallel
-from megatron_patch.config import ModelConfig, ParallelConfig
-from megatron_patch.model import build_model
+from megatron_patch.distributed import parallel
+from megatron_patch.config.schema import ModelConfig, ParallelConfig
+from megatron_patch.method.model import build_model
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from megatron_patch.config import ConfigError
-from megatron_patch.flags import FLAGS, GROUPS, parse_args
-from megatron_patch.tracker import TRACKER
+from megatron_patch.checkpoint.layout import TRACKER
+from megatron_patch.config.flags import FLAGS, GROUPS, parse_args
+from megatron_patch.config.schema import ConfigError
 
 
 def _args(corpus, *flags, budget=("--train-iters", "10")):

@@ -11,7 +11,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from helpers import PYTHON, run
 from megatron_patch.data.dataset import NotPatchAlignedError, build_datasets
-from megatron_patch.data.tokenizer import SentencePieceTokenizer
+from megatron_patch.data.tokenizers.wrappers import SentencePieceTokenizer
 
 T = 32  # positions per sample
 

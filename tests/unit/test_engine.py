@@ -1,4 +1,4 @@
-"""The DeepSpeed config merge (megatron_patch/deepspeed_config.py): our flags fill the JSON, conflicts and
+"""The DeepSpeed config merge (megatron_patch/config/deepspeed.py): our flags fill the JSON, conflicts and
 unsupported combinations are one-line ConfigErrors naming the key and the flag, all before any process group starts
 (plan.phases_to_run, what pretrain_patch_gpt.py runs first). No process group, no DeepSpeed import."""
 
@@ -9,10 +9,10 @@ import os
 import pytest
 
 from helpers import ROOT, phase_flags
-from megatron_patch.config import ConfigError
-from megatron_patch.engine import for_this_device
-from megatron_patch.flags import parse_args
-from megatron_patch.plan import phases_to_run
+from megatron_patch.config.flags import parse_args
+from megatron_patch.config.plan import phases_to_run
+from megatron_patch.config.schema import ConfigError
+from megatron_patch.training.deepspeed import for_this_device
 
 
 def resolved(corpus, tmp_path, extra, world_size=2):

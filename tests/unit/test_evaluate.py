@@ -9,10 +9,10 @@ import pytest
 import sentencepiece
 
 from helpers import PYTHON, TORCH_DIST, TP2, launcher, phase_flags, run
-from megatron_patch import runlog
 from megatron_patch.cli.evaluate import main as evaluate_main
 from megatron_patch.data.indexed import IndexHeader
-from megatron_patch.evaluation import text_windows
+from megatron_patch.evaluation.evaluate import text_windows
+from megatron_patch.training import json_log
 
 
 def _train(corpus, out, k, name, extra=()):
@@ -20,7 +20,7 @@ def _train(corpus, out, k, name, extra=()):
     ckpt, log = out / name, out / f"{name}.jsonl"
     run([PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, out, k, [
         "--split", "90,10,0", "--eval-iters", "2", "--save", str(ckpt), "--log-json", str(log), *extra], steps=3)])
-    return str(ckpt), runlog.last_summary(str(log))
+    return str(ckpt), json_log.last_summary(str(log))
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ HF_WINDOW_LOSS = """
 import json, sys
 import sentencepiece, torch
 from transformers import AutoModelForCausalLM
-from megatron_patch.evaluation import text_windows
+from megatron_patch.evaluation.evaluate import text_windows
 hf_dir, tokenizer, docs, length, stride = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from megatron_patch.config import ModelConfig
-from megatron_patch.flops import peak_tflops_of, training_flops_per_sample
+from megatron_patch.config.schema import ModelConfig
+from megatron_patch.method.flops import peak_tflops_of, training_flops_per_sample
 
 ONE_LAYER = ModelConfig(num_layers=1, hidden_size=4, num_attention_heads=2, ffn_hidden_size=8, swiglu=True)
 

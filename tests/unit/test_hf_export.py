@@ -1,4 +1,4 @@
-"""HuggingFace export and import (megatron_patch/hf_export.py, tools/export_hf.py, tools/import_hf.py): the exported
+"""HuggingFace export and import (megatron_patch/interop/hf/, tools/export_hf.py, tools/import_hf.py): the exported
 model computes our model's logits (fp32, within 1e-5) from checkpoints of real short runs in several layouts,
 a swapped q/k/v or gate/up mapping is caught, HF -> import -> export is bit for bit, an imported model trains,
 and bad input is one line on stderr with nothing written."""
@@ -19,14 +19,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
 
 from helpers import PP2, PYTHON, ROOT, TINY, TORCH_DIST, TP2, launcher, phase_flags, run, train_run
-from megatron_patch import hf_export, reshard, tracker
+from megatron_patch.checkpoint import layout, reshard
 from megatron_patch.cli import export_hf, import_hf
-from megatron_patch.config import ModelConfig, ParallelConfig, padded_vocab_size
-from megatron_patch.data.tokenizer import SentencePieceTokenizer
-from megatron_patch.flags import parse_args
-from megatron_patch.model import build_model, transformer_config
-from megatron_patch.presets import preset_model
-from megatron_patch.tokenizer_spec import TokenizerSpec
+from megatron_patch.config.flags import parse_args
+from megatron_patch.config.presets import preset_model
+from megatron_patch.config.schema import ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_patch.config.tokenizer import TokenizerSpec
+from megatron_patch.data.tokenizers.wrappers import SentencePieceTokenizer
+from megatron_patch.interop.hf import convert
+from megatron_patch.method.model import build_model, transformer_config
 
 TOLERANCE = 1e-5
 # GPT-2 style: Megatron's defaults (LayerNorm, GELU, learned positions, biases, tied) at the tiny size.
@@ -96,7 +97,7 @@ def our_logits(model_cfg: ModelConfig, full: dict, ids, vocab_size: int, config=
 
 
 def checkpoint_logits(ckpt: str, ids, vocab_size: int):
-    saved = hf_export.locate_checkpoint(ckpt)
+    saved = convert.locate_checkpoint(ckpt)
     model = build_model(saved.model, ParallelConfig(), padded_vocab_size(vocab_size, 1), 1)
     full = reshard.full_state_dict(saved.directory, reshard.sharding_of(model))  # the trainer's own sharding map
     return our_logits(saved.model, full, ids, vocab_size)
@@ -186,7 +187,7 @@ def test_features_no_run_trains_map_exactly(megatron_process, corpus, overrides,
     model = build_model(cfg, ParallelConfig(), 1024, 1, config=config).eval()
     full = _randomised(model)
     vocab = 1000
-    state, hf_config = hf_export.megatron_to_hf(full, cfg, vocab)
+    state, hf_config = convert.megatron_to_hf(full, cfg, vocab)
     if groups:
         assert hf_config.num_key_value_heads == groups
     hf = (LlamaForCausalLM if hf_config.model_type == "llama" else GPT2LMHeadModel)(hf_config).eval()
@@ -194,8 +195,8 @@ def test_features_no_run_trains_map_exactly(megatron_process, corpus, overrides,
     ids = token_ids(corpus, vocab)
     with torch.no_grad():
         assert max_difference(model(ids, None, None)[..., :vocab], hf(ids).logits) <= TOLERANCE
-    back, back_cfg = hf_export.hf_to_megatron(state, hf_config)
-    assert back_cfg == dataclasses.replace(cfg, ffn_hidden_size=hf_export.ffn_size(cfg), num_query_groups=groups)
+    back, back_cfg = convert.hf_to_megatron(state, hf_config)
+    assert back_cfg == dataclasses.replace(cfg, ffn_hidden_size=convert.ffn_size(cfg), num_query_groups=groups)
     assert back.keys() == full.keys()
     for name, tensor in back.items():
         assert torch.equal(tensor, full[name][:vocab] if name in reshard.VOCAB_ROWS else full[name]), name
@@ -212,8 +213,8 @@ def test_inexpressible_models_name_the_feature():
          "GPT2LMHeadModel needs --position-embedding-type learned_absolute"),  # rope + LayerNorm + GELU
     ]
     for overrides, message in cases:
-        with pytest.raises(hf_export.ExportError, match=re.escape(message)):
-            hf_export.hf_family(preset_model("tiny", **overrides))
+        with pytest.raises(convert.ExportError, match=re.escape(message)):
+            convert.hf_family(preset_model("tiny", **overrides))
 
 
 # -- checkpoints of real runs -----------------------------------------------------------------------------------------
@@ -244,13 +245,13 @@ def test_exported_tokenizer_encodes_as_ours(corpus, exported):
 @pytest.mark.parametrize("swap", ["q_k", "k_v", "gate_up"])
 def test_parity_check_catches_a_swapped_mapping(megatron_process, corpus, trained, tmp_path, monkeypatch, swap):
     """The logits check above is what guards the mapping: export with q/k, k/v or gate/up swapped and it fails."""
-    split_qkv, split_gate_up = hf_export.split_qkv, hf_export.split_gate_up
+    split_qkv, split_gate_up = convert.split_qkv, convert.split_gate_up
     if swap == "q_k":
-        monkeypatch.setattr(hf_export, "split_qkv", lambda *a: (lambda q, k, v: (k, q, v))(*split_qkv(*a)))
+        monkeypatch.setattr(convert, "split_qkv", lambda *a: (lambda q, k, v: (k, q, v))(*split_qkv(*a)))
     elif swap == "k_v":
-        monkeypatch.setattr(hf_export, "split_qkv", lambda *a: (lambda q, k, v: (q, v, k))(*split_qkv(*a)))
+        monkeypatch.setattr(convert, "split_qkv", lambda *a: (lambda q, k, v: (q, v, k))(*split_qkv(*a)))
     else:
-        monkeypatch.setattr(hf_export, "split_gate_up", lambda w: split_gate_up(w)[::-1])
+        monkeypatch.setattr(convert, "split_gate_up", lambda w: split_gate_up(w)[::-1])
     export_hf.main([trained("llama_k4_tp2"), str(tmp_path / "hf")])
     vocab = SentencePieceTokenizer(corpus["tokenizer"]).vocab_size
     ids = token_ids(corpus, vocab)
@@ -266,10 +267,10 @@ def test_import_then_export_gives_the_same_tensors(corpus, exported, tmp_path, c
                                           "--pipeline-model-parallel-size", pp, "--tokenizer-model",
                                           corpus["tokenizer"]], capsys)
     assert code == 0, err
-    saved = hf_export.locate_checkpoint(str(tmp_path / "ckpt"))
+    saved = convert.locate_checkpoint(str(tmp_path / "ckpt"))
     assert saved.iteration == 0 and len(glob.glob(f"{saved.directory}/mp_rank_*/model_optim_rng.pt")) == tp * pp
     vocab = SentencePieceTokenizer(corpus["tokenizer"]).vocab_size
-    state, _ = hf_export.megatron_to_hf(saved.full_weights(), saved.model, vocab)
+    state, _ = convert.megatron_to_hf(saved.full_weights(), saved.model, vocab)
     original = load_file(os.path.join(hf_dir, "model.safetensors"))
     assert state.keys() == original.keys()
     for key, tensor in original.items():
@@ -280,14 +281,14 @@ def test_import_then_export_gives_the_same_tensors(corpus, exported, tmp_path, c
 def test_import_in_the_trained_layout_writes_the_trained_shards(corpus, trained, exported, tmp_path, capsys, name):
     """Each rank's shard holds exactly the names and values of the trainer's own (up to the vocabulary padding,
     which the export cut): write_checkpoint shards as megatron-core does."""
-    saved = hf_export.locate_checkpoint(trained(name))
+    saved = convert.locate_checkpoint(trained(name))
     tp, pp = (saved.config["parallel"][f"{x}_model_parallel_size"] for x in ("tensor", "pipeline"))
     code, _, err = cli(import_hf.main, [exported(name), tmp_path / "ckpt", "--tensor-model-parallel-size", tp,
                                         "--pipeline-model-parallel-size", pp, "--tokenizer-model",
                                         corpus["tokenizer"]], capsys)
     assert code == 0, err
     vocab = SentencePieceTokenizer(corpus["tokenizer"]).vocab_size
-    imported = hf_export.locate_checkpoint(str(tmp_path / "ckpt"))
+    imported = convert.locate_checkpoint(str(tmp_path / "ckpt"))
     shards = sorted(shard for shard in os.listdir(saved.directory) if shard.startswith("mp_rank_"))
     assert len(shards) == tp * pp
     for shard in shards:
@@ -314,7 +315,7 @@ def test_training_continues_from_an_imported_model(corpus, exported, tmp_path, c
     assert code == 0, err
     flags = shlex.split(out.strip().splitlines()[-1])
     assert flags[flags.index("--pretrained-checkpoint") + 1] == str(tmp_path / "ckpt")
-    model = hf_export.locate_checkpoint(str(tmp_path / "ckpt")).model
+    model = convert.locate_checkpoint(str(tmp_path / "ckpt")).model
     # The printed flags give exactly the imported model (a rope model has no position table to size).
     assert parse_args([*TINY, *flags]).model == dataclasses.replace(model, max_position_embeddings=None)
     (losses, _, _), stdout = train_run(corpus, tmp_path, 1, [*flags, "--lr", "1e-3", "--lr-warmup-iters", "0"],
@@ -345,14 +346,14 @@ def test_export_refuses_bad_input_with_one_line(megatron_process, corpus, traine
 
     dangling = tmp_path / "dangling"
     shutil.copytree(trained("llama_k4_tp2"), dangling)
-    tracker.write_tracker(str(dangling), 7)  # points at an iteration never written
+    layout.write_tracker(str(dangling), 7)  # points at an iteration never written
     code, _, err = cli(export_hf.main, [dangling, out], capsys)
     _assert_refused(code, err, out, "incomplete checkpoint: no directory iter_0000007 for iteration 7")
 
     partial = tmp_path / "partial"
     shutil.copytree(trained("llama_k4_tp2"), partial)
-    iteration = tracker.latest_iteration(str(partial))
-    shutil.rmtree(os.path.join(tracker.iteration_dir(str(partial), iteration), "mp_rank_01"))
+    iteration = layout.latest_iteration(str(partial))
+    shutil.rmtree(os.path.join(layout.iteration_dir(str(partial), iteration), "mp_rank_01"))
     code, _, err = cli(export_hf.main, [partial, out], capsys)
     _assert_refused(code, err, out, "incomplete checkpoint: missing mp_rank_01/model_optim_rng.pt (TP=2 x PP=1)")
 
@@ -360,7 +361,7 @@ def test_export_refuses_bad_input_with_one_line(megatron_process, corpus, traine
     cfg = preset_model("tiny", max_position_embeddings=32, swiglu=False)
     full = _randomised(build_model(cfg, ParallelConfig(), 1024, 1))
     tokenizer = TokenizerSpec(tokenizer_model=corpus["tokenizer"])
-    hf_export.write_checkpoint(full, hf_export.import_config(cfg, 1, 1, tokenizer), str(tmp_path / "rms_gelu"), 1, 1)
+    convert.write_checkpoint(full, convert.import_config(cfg, 1, 1, tokenizer), str(tmp_path / "rms_gelu"), 1, 1)
     code, _, err = cli(export_hf.main, [tmp_path / "rms_gelu", out], capsys)
     _assert_refused(code, err, out, "no HuggingFace model class computes this model (RMSNorm, GELU MLP")
     assert not out.exists()

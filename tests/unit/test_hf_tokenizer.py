@@ -1,5 +1,5 @@
-"""SentencePiece models exported as HuggingFace tokenizer files (megatron_patch/hf_tokenizer.py): AutoTokenizer gives
-SentencePiece's ids and decode on the whole Python-docs corpus, on strings chosen to break whitespace handling,
+"""SentencePiece models exported as HuggingFace tokenizer files (data/tokenizers/sentencepiece_to_hf.py): AutoTokenizer
+gives SentencePiece's ids and decode on the whole Python-docs corpus, on strings chosen to break whitespace handling,
 NFKC and byte fallback, and on random Unicode; models it cannot express are refused, naming the feature."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from helpers import PYTHON, run
-from megatron_patch.hf_tokenizer import TokenizerExportError, check_same_ids, save_hf_tokenizer
+from megatron_patch.data.tokenizers.sentencepiece_to_hf import TokenizerExportError, check_same_ids, save_hf_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

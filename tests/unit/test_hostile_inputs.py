@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from helpers import PYTHON, ROOT, phase_flags, run
-from megatron_patch import checkpoint
+from megatron_patch.checkpoint import storage
 from megatron_patch.cli import evaluate as evaluate_cli
 from megatron_patch.cli import export_hf
-from megatron_patch.config import ConfigError
+from megatron_patch.config.flags import parse_args
+from megatron_patch.config.plan import phases_to_run
+from megatron_patch.config.schema import ConfigError
 from megatron_patch.data.dataset import DataError
-from megatron_patch.flags import parse_args
-from megatron_patch.plan import phases_to_run
-from megatron_patch.train import Trainer
+from megatron_patch.training.trainer import Trainer
 
 SHARD = os.path.join("iter_0000001", "mp_rank_00", "model_optim_rng.pt")
 
@@ -61,7 +61,7 @@ def refusal(out):
 
 
 def test_a_real_checkpoint_loads_with_weights_only(saved):
-    state = checkpoint.read(str(saved[1] / "ckpt" / SHARD))
+    state = storage.read(str(saved[1] / "ckpt" / SHARD))
     assert state["iteration"] == 1 and state["rng_state"]["numpy"][1].dtype.name == "uint32"
 
 
@@ -69,7 +69,7 @@ def test_a_real_checkpoint_loads_with_weights_only(saved):
 def test_trainer_refuses_a_checkpoint_that_would_run_code(megatron_process, saved, tmp_path, flag):
     flags, out = saved
     cfg = parse_args([*flags, "--save", str(tmp_path / "new"), flag, str(out / "hostile")]).resolve(world_size=1)
-    with pytest.raises(checkpoint.CheckpointError) as error:
+    with pytest.raises(storage.CheckpointError) as error:
         trainer = Trainer(cfg)
         trainer.load()
     assert str(error.value) == refusal(out)

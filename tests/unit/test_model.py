@@ -6,9 +6,9 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from megatron_patch.config import ModelConfig, ParallelConfig
-from megatron_patch.model import build_model, causal_attention_mask, transformer_config
-from megatron_patch.presets import preset_model
+from megatron_patch.config.presets import preset_model
+from megatron_patch.config.schema import ModelConfig, ParallelConfig
+from megatron_patch.method.model import build_model, causal_attention_mask, transformer_config
 
 VOCAB = 256
 

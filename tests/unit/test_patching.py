@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_patch.patching import patch_cross_entropy, patch_position_ids, patchify
+from megatron_patch.method.patching import patch_cross_entropy, patch_position_ids, patchify
 
 
 def test_patchify_is_the_mean_of_each_group_of_k_embeddings():

@@ -6,10 +6,10 @@ import json
 import pytest
 
 from helpers import PYTHON, TINY, run
-from megatron_patch import runlog
-from megatron_patch.config import ConfigError
-from megatron_patch.flags import parse_args
-from megatron_patch.plan import make_plan, phase_config, phases_to_run
+from megatron_patch.config.flags import parse_args
+from megatron_patch.config.plan import make_plan, phase_config, phases_to_run
+from megatron_patch.config.schema import ConfigError
+from megatron_patch.training import json_log
 
 
 def _plan_args(*flags, k=4, fraction=2 / 3, seq=2048, batch=1024, budget=("--train-iters", "3000")):
@@ -98,7 +98,7 @@ def test_plan_cli_prints_the_plan():
 
 
 def _read(path):
-    return [r["loss"] for r in runlog.steps(path).values()], runlog.last_summary(path)
+    return [r["loss"] for r in json_log.steps(path).values()], json_log.last_summary(path)
 
 
 def test_one_command_runs_the_plan_like_one_command_per_phase(corpus, tmp_path):
@@ -116,7 +116,7 @@ def test_one_command_runs_the_plan_like_one_command_per_phase(corpus, tmp_path):
     assert "phase1 (patch, K=4): 6 iterations x 4 samples x 128 tokens = 3072 tokens" in whole.stdout
     # Each phase's own peak LR and warmup: phase 1 warms up in one step (at LR 0, as Megatron's scheduler starts)
     # to 5e-3; phase 2 starts at its peak, 1e-3.
-    lrs = {phase: [r["lr"] for r in runlog.steps(tmp_path / "whole" / f"log.{phase}.jsonl").values()]
+    lrs = {phase: [r["lr"] for r in json_log.steps(tmp_path / "whole" / f"log.{phase}.jsonl").values()]
            for phase in ("phase1", "phase2")}
     assert lrs["phase1"][:2] == [0.0, pytest.approx(5e-3)] and lrs["phase2"][0] == pytest.approx(1e-3)
     early = plan_run(tmp_path / "chained", "--phase", "2", check=False)

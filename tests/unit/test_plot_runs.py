@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from helpers import PYTHON, phase_flags, run
-from megatron_patch import runlog, runs
+from megatron_patch.experiments import runs
+from megatron_patch.training import json_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,9 +45,9 @@ def test_png_panels_draw_every_logged_point(logged):
     png = (logged["out"] / "plot.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 20_000
     plan, base = logged["plan"], logged["base"]
-    plan_evals = [r for p in ("phase1", "phase2") for r in runlog.read_records(str(plan / f"log.{p}.jsonl"))
+    plan_evals = [r for p in ("phase1", "phase2") for r in json_log.read_records(str(plan / f"log.{p}.jsonl"))
                   if "eval" in r]
-    base_evals = [r for r in runlog.read_records(str(base / "log.jsonl")) if "eval" in r]
+    base_evals = [r for r in json_log.read_records(str(base / "log.jsonl")) if "eval" in r]
     assert len(plan_evals) >= 3 and len(base_evals) >= 2
     for name, evals in (("two-phase", plan_evals), ("baseline", base_evals)):
         assert logged["rows"][name]["points_plotted"] == {"valid_vs_flops": len(evals), "valid_vs_tokens": len(evals),
@@ -54,9 +55,9 @@ def test_png_panels_draw_every_logged_point(logged):
 
 
 def test_table_numbers_are_the_logs_summaries(logged):
-    p1 = runlog.last_summary(str(logged["plan"] / "log.phase1.jsonl"))
-    p2 = runlog.last_summary(str(logged["plan"] / "log.phase2.jsonl"))
-    base = runlog.last_summary(str(logged["base"] / "log.jsonl"))
+    p1 = json_log.last_summary(str(logged["plan"] / "log.phase1.jsonl"))
+    p2 = json_log.last_summary(str(logged["plan"] / "log.phase2.jsonl"))
+    base = json_log.last_summary(str(logged["base"] / "log.jsonl"))
     plan_row, base_row = logged["rows"]["two-phase"], logged["rows"]["baseline"]
     for row, last, seconds in ((plan_row, p2, p1["seconds"] + p2["seconds"]), (base_row, base, base["seconds"])):
         assert row["token_level_valid_loss"] == last["token_level_valid_loss"]
@@ -117,8 +118,8 @@ def test_resumed_and_hand_run_logs_join_like_the_plan(logged, tmp_path):
         assert joined.train_points() == reference.train_points() and joined.valid_points() == reference.valid_points()
         assert joined.boundaries() == reference.boundaries()
     (row,) = runs.table([runs.read_run(str(resumed))])
-    p1 = runlog.summaries(str(resumed / "log.phase1.jsonl"))
-    assert len(p1) == 2 and row["seconds"] == sum(s["seconds"] for s in p1) + runlog.last_summary(
+    p1 = json_log.summaries(str(resumed / "log.phase1.jsonl"))
+    assert len(p1) == 2 and row["seconds"] == sum(s["seconds"] for s in p1) + json_log.last_summary(
         str(plan / "log.phase2.jsonl"))["seconds"]
 
 
@@ -149,6 +150,6 @@ def test_bad_input_is_one_line(case, logged, tmp_path):
 
 
 def test_reading_runs_imports_no_torch_and_no_matplotlib():
-    code = ("import sys\nimport megatron_patch.runs, megatron_patch.cli.plot_runs\n"
+    code = ("import sys\nimport megatron_patch.experiments.runs, megatron_patch.cli.plot_runs\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'matplotlib')))")
     assert run([PYTHON, "-c", code]).stdout.strip() == "[]"

@@ -26,7 +26,7 @@ from megatron_patch.data import corpus as corpus_module
 from megatron_patch.data.corpus import Piece, count_lines, number_lines, read_batches, read_lines, split_inputs
 from megatron_patch.data.dataset import alignment_pad_id
 from megatron_patch.data.indexed import DatasetWriter, read_sidecar
-from megatron_patch.data.tokenizer import SentencePieceTokenizer
+from megatron_patch.data.tokenizers.wrappers import SentencePieceTokenizer
 
 PREPROCESS = "tools/preprocess_data.py"
 MERGE = "tools/merge_datasets.py"

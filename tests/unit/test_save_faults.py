@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from helpers import PYTHON, ROOT
-from megatron_patch import checkpoint
-from megatron_patch.tracker import latest_iteration
+from megatron_patch.checkpoint import storage
+from megatron_patch.checkpoint.layout import latest_iteration
 
 
 def _mount(*args) -> bool:
@@ -76,17 +76,17 @@ def _assert_one_clear_line(message: str, *parts: str) -> None:
 def test_full_disk_during_save_keeps_the_previous_checkpoint(megatron_process, full_disk):
     root = os.path.join(full_disk.path, "ckpt")
     with full_disk.limit():
-        checkpoint.save(root, 1, _state(16 * 1024, 1), {"run": 1})
-        with pytest.raises(checkpoint.CheckpointSaveError) as failed:
-            checkpoint.save(root, 2, _state(1024 * 1024, 2), {"run": 2})
+        storage.save(root, 1, _state(16 * 1024, 1), {"run": 1})
+        with pytest.raises(storage.CheckpointSaveError) as failed:
+            storage.save(root, 2, _state(1024 * 1024, 2), {"run": 2})
     _assert_one_clear_line(str(failed.value), "checkpoint of iteration 2 not saved", full_disk.reason,
                            os.path.join(root, "iter_0000002.tmp", "mp_rank_00", "model_optim_rng.pt.tmp"),
                            "still 1")
     assert latest_iteration(root) == 1
     assert sorted(os.listdir(root)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]  # nothing half written
-    assert torch.equal(checkpoint.load(root)["model"]["weight"], _state(16 * 1024, 1)["model"]["weight"])
+    assert torch.equal(storage.load(root)["model"]["weight"], _state(16 * 1024, 1)["model"]["weight"])
     with full_disk.limit():  # the failed save's space was given back: a checkpoint that fits is saved
-        checkpoint.save(root, 2, _state(16 * 1024, 2), {"run": 2})
+        storage.save(root, 2, _state(16 * 1024, 2), {"run": 2})
     assert latest_iteration(root) == 2
 
 
@@ -110,13 +110,13 @@ def _read_only(path):
 
 def test_unwritable_checkpoint_directory_keeps_the_previous_checkpoint(megatron_process, tmp_path):
     root = str(tmp_path / "ckpt")
-    checkpoint.save(root, 1, _state(1024, 1), {"run": 1})
+    storage.save(root, 1, _state(1024, 1), {"run": 1})
     with _read_only(root):
-        with pytest.raises(checkpoint.CheckpointSaveError) as failed:
-            checkpoint.save(root, 2, _state(1024, 2), {"run": 2})
+        with pytest.raises(storage.CheckpointSaveError) as failed:
+            storage.save(root, 2, _state(1024, 2), {"run": 2})
         _assert_one_clear_line(str(failed.value), "checkpoint of iteration 2 not saved", os.path.join(root, "iter_"))
         assert latest_iteration(root) == 1
-        assert checkpoint.load(root)["iteration"] == 1
+        assert storage.load(root)["iteration"] == 1
     assert sorted(os.listdir(root)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
 
 

@@ -11,8 +11,8 @@ import re
 import pytest
 
 from helpers import PYTHON, run
-from megatron_patch import runlog
-from megatron_patch.sweep import GridError, read_grid, slurm_submission
+from megatron_patch.experiments.sweep import GridError, read_grid, slurm_submission
+from megatron_patch.training import json_log
 
 BASE = "size=tiny_K=1_lambda=0_tokens=1024_seed=3"
 PLAN = "size=tiny_K=4_lambda=0.5_tokens=1024_seed=3"
@@ -93,7 +93,7 @@ def _logged(run_dir):
     """The last phase's summary and every phase's seconds, read straight from the training logs."""
     logs = [run_dir / "train.jsonl"] if (run_dir / "train.jsonl").is_file() else \
         [run_dir / "train.phase1.jsonl", run_dir / "train.phase2.jsonl"]
-    summaries = [s for log in logs for s in runlog.summaries(str(log))]
+    summaries = [s for log in logs for s in json_log.summaries(str(log))]
     return summaries[-1], sum(s["seconds"] for s in summaries)
 
 

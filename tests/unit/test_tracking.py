@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import PYTHON, ROOT, phase_flags, run
-from megatron_patch import runlog
+from megatron_patch.training import json_log
 
 
 def _plan_flags(corpus, out, fraction, extra=()):
@@ -41,8 +41,8 @@ def test_tensorboard_holds_the_scalars_on_the_runs_token_axis(tracked):
     losses = events.Scalars("train/loss")
     # Both phases on one axis: 8 steps of 1024 tokens, phase 2 continuing where phase 1 ended.
     assert [e.step for e in losses] == [1024 * i for i in range(1, 9)]
-    steps = runlog.steps(str(tracked / "log.phase1.jsonl")) | {
-        6 + i: r for i, r in runlog.steps(str(tracked / "log.phase2.jsonl")).items()}
+    steps = json_log.steps(str(tracked / "log.phase1.jsonl")) | {
+        6 + i: r for i, r in json_log.steps(str(tracked / "log.phase2.jsonl")).items()}
     assert [e.value for e in losses] == pytest.approx([steps[i]["loss"] for i in range(1, 9)])
     assert [e.value for e in events.Scalars("train/patch_size")] == [4] * 6 + [1] * 2
 
@@ -57,13 +57,13 @@ def test_wandb_offline_run_holds_the_history(tracked):
 
 
 def test_compute_axis_continues_and_the_plan_costs_lambda_over_k_plus_one_minus_lambda(tracked, corpus, tmp_path):
-    p1 = runlog.last_summary(str(tracked / "log.phase1.jsonl"))
-    p2 = runlog.last_summary(str(tracked / "log.phase2.jsonl"))
-    first_phase2_step = runlog.steps(str(tracked / "log.phase2.jsonl"))[1]
+    p1 = json_log.last_summary(str(tracked / "log.phase1.jsonl"))
+    p2 = json_log.last_summary(str(tracked / "log.phase2.jsonl"))
+    first_phase2_step = json_log.steps(str(tracked / "log.phase2.jsonl"))[1]
     assert first_phase2_step["cumulative_tokens"] == p1["cumulative_tokens"] + 1024
     assert first_phase2_step["cumulative_flops"] > p1["cumulative_flops"]
     run([PYTHON, "pretrain_patch_gpt.py", *_plan_flags(corpus, tmp_path, 0)])
-    baseline = runlog.last_summary(str(tmp_path / "log.jsonl"))
+    baseline = json_log.last_summary(str(tmp_path / "log.jsonl"))
     assert baseline["cumulative_tokens"] == p2["cumulative_tokens"] == 8 * 1024
     # lambda = 6/8 at K=4: 0.75/4 + 0.25 = 0.4375 of the token-only FLOPs, exactly (same positions per sample,
     # the output layer included on both sides; flops.py).
@@ -75,7 +75,7 @@ def test_training_needs_neither_backend_and_asking_for_a_missing_one_is_one_line
            f"runpy.run_path('{ROOT}/pretrain_patch_gpt.py', run_name='__main__')"
     flags = phase_flags(corpus, tmp_path, 4, ["--log-json", str(tmp_path / "log.jsonl")], steps=2)
     run([PYTHON, "-c", hide, "pretrain_patch_gpt.py", *flags])
-    assert runlog.last_summary(str(tmp_path / "log.jsonl"))["iteration"] == 2
+    assert json_log.last_summary(str(tmp_path / "log.jsonl"))["iteration"] == 2
     result = run([PYTHON, "-c", hide, "pretrain_patch_gpt.py", *flags, "--tensorboard-dir", str(tmp_path / "tb")],
                  check=False)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -83,7 +83,7 @@ def test_training_needs_neither_backend_and_asking_for_a_missing_one_is_one_line
 
 
 def test_log_records_carry_the_compute_axis(tracked):
-    records = runlog.read_records(str(tracked / "log.phase1.jsonl"))
+    records = json_log.read_records(str(tracked / "log.phase1.jsonl"))
     evals = [r["eval"] for r in records if "eval" in r]
     assert evals and all({"valid_loss", "token_level_valid_loss", "cumulative_tokens", "cumulative_flops"} <= e.keys()
                          for e in evals)

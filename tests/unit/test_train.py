@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from helpers import PYTHON, ROOT, TORCH_DIST, free_port, phase_flags, run
-from megatron_patch import reshard, runlog, tracker
-from megatron_patch.flags import parse_args
-from megatron_patch.train import Trainer
+from megatron_patch.checkpoint import layout, reshard
+from megatron_patch.config.flags import parse_args
+from megatron_patch.training import json_log
+from megatron_patch.training.trainer import Trainer
 
 
 def sized_flags(corpus, out, k, seq_length, global_batch, iters, extra=()):
@@ -25,7 +26,7 @@ def sized_flags(corpus, out, k, seq_length, global_batch, iters, extra=()):
 
 def read_log(path):
     """(every step record as logged, repeats of a resumed run included; the last phase summary)"""
-    return [r for r in runlog.read_records(str(path)) if "loss" in r], runlog.last_summary(str(path))
+    return [r for r in json_log.read_records(str(path)) if "loss" in r], json_log.last_summary(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def test_phase2_starts_from_phase1_weights_with_a_fresh_optimizer(megatron_proce
     trainer = Trainer(cfg)
     trainer.load()
     root = str(two_phase["out"] / "phase1")
-    assert tracker.latest_iteration(root) == 40 and tracker.read_run(root, 40)["config"]["patch_size"] == 4
-    phase1 = reshard.full_state_dict(tracker.iteration_dir(root, 40), {})  # one process: names as in the model
+    assert layout.latest_iteration(root) == 40 and layout.read_run(root, 40)["config"]["patch_size"] == 4
+    phase1 = reshard.full_state_dict(layout.iteration_dir(root, 40), {})  # one process: names as in the model
     (model,) = trainer.models
     ours = {name: tensor for name, tensor in model.state_dict().items() if isinstance(tensor, torch.Tensor)}
     assert ours.keys() == phase1.keys()
@@ -75,7 +76,7 @@ def test_phase2_starts_from_phase1_weights_with_a_fresh_optimizer(megatron_proce
 
 def test_checkpoint_directory_has_megatron_layout_and_tracker(two_phase):
     root = two_phase["out"] / "phase1"
-    assert tracker.latest_iteration(str(root)) == 40
+    assert layout.latest_iteration(str(root)) == 40
     # torch_dist (the default): megatron-core's common state, metadata and every rank's .distcp shards
     assert {"common.pt", "metadata.json", "run.json"} <= {p.name for p in (root / "iter_0000040").iterdir()}
     assert list((root / "iter_0000040").glob("*.distcp"))
@@ -128,17 +129,17 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_finishes(corpus
     steps = read_log(log)[0]
     stopped = steps[-1]["iteration"]
     assert 5 <= stopped < 300 and f"stopping after iteration {stopped}: received SIGTERM" in stdout
-    assert tracker.latest_iteration(str(ckpt)) == stopped
+    assert layout.latest_iteration(str(ckpt)) == stopped
     # Resumed for 3 more steps (the next iteration divisible by stopped + 3), not the remaining ~290.
     resumed = run([*args, "--exit-interval", str(stopped + 3)])
     assert f"resumed from {ckpt} at iteration {stopped}" in resumed.stdout
     iterations = [s["iteration"] for s in read_log(log)[0]]
     assert iterations == list(range(1, stopped + 4))  # every step exactly once
-    assert tracker.latest_iteration(str(ckpt)) == stopped + 3
+    assert layout.latest_iteration(str(ckpt)) == stopped + 3
 
 
 def test_exit_interval_stops_after_a_divisible_iteration(corpus, tmp_path):
     result = run([PYTHON, "pretrain_patch_gpt.py", *sized_flags(corpus, tmp_path, 4, 128, 8, 20, [
         "--exit-interval", "7", "--save", str(tmp_path / "ckpt")])])
     assert "stopping after iteration 7: --exit-interval 7" in result.stdout
-    assert tracker.latest_iteration(str(tmp_path / "ckpt")) == 7
+    assert layout.latest_iteration(str(tmp_path / "ckpt")) == 7

@@ -8,7 +8,7 @@ up to a multiple of 64, as LLaMA does. The optimiser defaults (TrainingConfig) a
 
 from __future__ import annotations
 
-from megatron_patch.config import ModelConfig
+from megatron_patch.config.schema import ModelConfig
 
 LLAMA_STYLE = {
     "normalization": "RMSNorm",

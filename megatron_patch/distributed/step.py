@@ -12,8 +12,8 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_patch import parallel
-from megatron_patch.config import OptimizerConfig, TrainingConfig
+from megatron_patch.config.schema import OptimizerConfig, TrainingConfig
+from megatron_patch.distributed import parallel
 
 
 def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

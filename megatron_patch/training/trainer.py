@@ -26,17 +26,18 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.transformer.module import Float16Module
 
-from megatron_patch import checkpoint, parallel, reshard, tracker
-from megatron_patch.config import TrainingConfig, padded_vocab_size, parse_blend, to_dict, token_level_view
+from megatron_patch.checkpoint import layout, reshard, storage
+from megatron_patch.config.schema import TrainingConfig, padded_vocab_size, parse_blend, to_dict, token_level_view
+from megatron_patch.config.tokenizer import TokenizerSpec
 from megatron_patch.data.dataset import alignment_pad_id, build_datasets, dataset_sizes, micro_batches
-from megatron_patch.data.tokenizer import build_tokenizer
-from megatron_patch.flops import training_flops_per_sample
-from megatron_patch.model import PatchGPTModel, build_model, transformer_config
-from megatron_patch.parallel import print_rank_0
-from megatron_patch.runlog import JsonLinesLog
-from megatron_patch.step import global_losses, lr_scheduler, megatron_optimizer_config, run_schedule
-from megatron_patch.tokenizer_spec import TokenizerSpec
-from megatron_patch.tracking import Trackers, peak_memory_bytes, peak_tflops
+from megatron_patch.data.tokenizers.wrappers import build_tokenizer
+from megatron_patch.distributed import parallel
+from megatron_patch.distributed.parallel import print_rank_0
+from megatron_patch.distributed.step import global_losses, lr_scheduler, megatron_optimizer_config, run_schedule
+from megatron_patch.method.flops import training_flops_per_sample
+from megatron_patch.method.model import PatchGPTModel, build_model, transformer_config
+from megatron_patch.training.json_log import JsonLinesLog
+from megatron_patch.training.trackers import Trackers, peak_memory_bytes, peak_tflops
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,7 +51,7 @@ class Trainer:
         self.cfg = cfg
         self.tokenizer = build_tokenizer(TokenizerSpec.of(cfg.data))
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
-        self.run_description = checkpoint.describe_run(cfg, dataset_sizes(*parse_blend(cfg.data.data_path)))
+        self.run_description = storage.describe_run(cfg, dataset_sizes(*parse_blend(cfg.data.data_path)))
         # One chunk per rank; with interleaved pipelining, one per virtual stage, sharing one config.
         self.config = transformer_config(cfg.model, cfg.parallel, cfg.bf16)
         vpp = cfg.parallel.virtual_pipeline_model_parallel_size
@@ -64,7 +65,7 @@ class Trainer:
         self.flops_per_step = cfg.global_batch_size * training_flops_per_sample(
             cfg.model, cfg.seq_length, cfg.patch_size, padded_vocab_size(self.tokenizer.vocab_size, 1))
         self.compute = {"tokens": 0, "flops": 0}
-        if tracker.latest_iteration(cfg.load) is None and cfg.pretrained_checkpoint:
+        if layout.latest_iteration(cfg.load) is None and cfg.pretrained_checkpoint:
             # Before wrapping: gradient buffers, fp32 master copies and ZeRO partitions all start from these weights.
             self.load_pretrained_weights(models)
         self.wrap(models)
@@ -118,36 +119,36 @@ class Trainer:
         (with the distributed optimizer, its state gathered into distrib_optim.pt as Megatron-LM does)."""
         with self.weights_gathered():
             if self.cfg.ckpt_format == "torch_dist":
-                path = checkpoint.save_torch_dist(self.cfg.save, self.iteration, self.sharded_state_dict(),
+                path = storage.save_torch_dist(self.cfg.save, self.iteration, self.sharded_state_dict(),
                                                   self.run_record())
             else:
-                path = checkpoint.save_with(self.cfg.save, self.iteration, self.run_record(), self._write_legacy)
+                path = storage.save_with(self.cfg.save, self.iteration, self.run_record(), self._write_legacy)
         print_rank_0(f"saved checkpoint {path}")
 
     def _write_legacy(self, staging: str) -> None:
-        checkpoint.write_shard(staging, self.state_dict())
+        storage.write_shard(staging, self.state_dict())
         if self.cfg.parallel.use_distributed_optimizer:  # collective over data-parallel ranks; rank 0 writes
-            self.optimizer.save_parameter_state(checkpoint.shard_file(staging, checkpoint.DISTRIB_OPTIM))
+            self.optimizer.save_parameter_state(storage.shard_file(staging, storage.DISTRIB_OPTIM))
 
     def resume(self, iteration: int) -> None:
         """Model, optimizer and training state from --load's checkpoint at `iteration`, in either format; a
         torch_dist checkpoint loads into any layout (the RNG streams only into the one that wrote it)."""
-        directory = tracker.iteration_dir(self.cfg.load, iteration)
+        directory = layout.iteration_dir(self.cfg.load, iteration)
         torch_dist = reshard.is_torch_dist(directory)
         if torch_dist:
-            saved = tracker.read_run(self.cfg.load, iteration)["config"]["parallel"]
-            same_layout = all(saved[k] == getattr(self.cfg.parallel, k) for k in checkpoint.MODEL_PARALLEL_LAYOUT)
-            state = checkpoint.load_torch_dist(directory, self.sharded_state_dict(is_loading=True, rng=same_layout))
+            saved = layout.read_run(self.cfg.load, iteration)["config"]["parallel"]
+            same_layout = all(saved[k] == getattr(self.cfg.parallel, k) for k in storage.MODEL_PARALLEL_LAYOUT)
+            state = storage.load_torch_dist(directory, self.sharded_state_dict(is_loading=True, rng=same_layout))
             if not same_layout:
                 print_rank_0("resuming in another model-parallel layout: dropout RNG streams start afresh")
         else:
-            state = checkpoint.load(self.cfg.load, iteration)
+            state = storage.load(self.cfg.load, iteration)
         for i, model in enumerate(self.models):
-            model.load_state_dict(state[checkpoint.model_key(i, len(self.models))])
+            model.load_state_dict(state[storage.model_key(i, len(self.models))])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.cfg.parallel.use_distributed_optimizer and not torch_dist:
             with torch.no_grad():  # fp32 training: the optimizer's main weights are views of the model's
-                self.optimizer.load_parameter_state(checkpoint.shard_file(directory, checkpoint.DISTRIB_OPTIM))
+                self.optimizer.load_parameter_state(storage.shard_file(directory, storage.DISTRIB_OPTIM))
         self.restore_training_state(state)
         print_rank_0(f"resumed from {self.cfg.load} at iteration {self.iteration}")
 
@@ -197,8 +198,8 @@ class Trainer:
     def _stop_if_diverged(self, what: str, value: Optional[float]) -> None:
         if value is None or math.isfinite(value):
             return
-        last = tracker.latest_iteration(self.cfg.save)
-        kept = (f"the last good checkpoint, {tracker.iteration_dir(self.cfg.save, last)}, is kept (resume "
+        last = layout.latest_iteration(self.cfg.save)
+        kept = (f"the last good checkpoint, {layout.iteration_dir(self.cfg.save, last)}, is kept (resume "
                 f"from it with --load, e.g. with a lower --lr)") if last is not None else "no checkpoint was saved"
         raise TrainingDiverged(f"{what} is {value} at iteration {self.iteration + 1}; stopped without saving: {kept}")
 
@@ -234,7 +235,7 @@ class Trainer:
     # -- weights and checkpoints -----------------------------------------------------------------------------------
     def load(self) -> None:
         """Resume from --load if it holds a checkpoint (weights from --pretrained-checkpoint were loaded before)."""
-        iteration = tracker.latest_iteration(self.cfg.load)
+        iteration = layout.latest_iteration(self.cfg.load)
         if iteration is not None:
             self._check_compatible(self.cfg.load, iteration, resume=True)
             self.resume(iteration)
@@ -242,20 +243,20 @@ class Trainer:
     def load_pretrained_weights(self, models: list) -> None:
         """Weights only from --pretrained-checkpoint's latest iteration, resharded from whatever layout wrote them."""
         root = self.cfg.pretrained_checkpoint
-        iteration = tracker.latest_iteration(root)
+        iteration = layout.latest_iteration(root)
         self._check_compatible(root, iteration, resume=False)
         sharding = {k: v for m in models for k, v in reshard.sharding_of(m).items()}
-        full = reshard.full_state_dict(tracker.iteration_dir(root, iteration), sharding)
+        full = reshard.full_state_dict(layout.iteration_dir(root, iteration), sharding)
         for model in models:
             reshard.load_into(model, full)
-        self.compute = dict((tracker.read_run(root, iteration) or {}).get("compute", self.compute))
+        self.compute = dict((layout.read_run(root, iteration) or {}).get("compute", self.compute))
         print_rank_0(f"initialised weights from {root} (iteration {iteration}); fresh optimizer and LR schedule")
 
     def _check_compatible(self, root: str, iteration: int, resume: bool) -> None:
-        saved = tracker.read_run(root, iteration)
+        saved = layout.read_run(root, iteration)
         flag = "--load" if resume else "--pretrained-checkpoint"
         if saved is not None:
-            checkpoint.check_compatible(saved, self.run_description, f"{flag} {root} (iteration {iteration})", resume)
+            storage.check_compatible(saved, self.run_description, f"{flag} {root} (iteration {iteration})", resume)
 
     def training_state(self) -> dict:
         """Everything but the model and optimizer: the same in every checkpoint format."""
@@ -284,7 +285,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
-            **{checkpoint.model_key(i, len(self.models)): m.state_dict() for i, m in enumerate(self.models)},
+            **{storage.model_key(i, len(self.models)): m.state_dict() for i, m in enumerate(self.models)},
             "optimizer": self.optimizer.state_dict(),
             **self.training_state(),
         }
@@ -293,15 +294,15 @@ class Trainer:
         """What a torch_dist checkpoint holds: megatron-core's sharded model and optimizer state (global tensors,
         so any layout can load them), this rank's RNG streams as a per-(pipeline, tensor) rank object, and the
         training state, the same on every rank."""
-        models = {checkpoint.model_key(i, len(self.models)): m.sharded_state_dict() for i, m in enumerate(self.models)}
+        models = {storage.model_key(i, len(self.models)): m.sharded_state_dict() for i, m in enumerate(self.models)}
         state = {**models, **self.training_state()}
         if is_loading and self.cfg.parallel.use_distributed_optimizer:
             self._allocate_distributed_optimizer_state()
         state["optimizer"] = self.optimizer.sharded_state_dict(models, is_loading=is_loading,
-                                                               metadata=checkpoint.OPTIMIZER_SHARDING)
+                                                               metadata=storage.OPTIMIZER_SHARDING)
         rng_states = state.pop("rng_state")
         if rng:
-            state["rng_state"] = checkpoint.rng_object(rng_states)
+            state["rng_state"] = storage.rng_object(rng_states)
         return state
 
     # -- data ------------------------------------------------------------------------------------------------------
@@ -521,7 +522,7 @@ def _train(trainer: Trainer, train_ds, validation: list, phase_log: PhaseLog) ->
         if reason and trainer.iteration < cfg.train_iters:
             print_rank_0(f"stopping after iteration {trainer.iteration}: {reason}")
             break
-    if cfg.save and tracker.latest_iteration(cfg.save) != trainer.iteration:
+    if cfg.save and layout.latest_iteration(cfg.save) != trainer.iteration:
         trainer.save()
     if validation and validated_at != trainer.iteration:
         _validate(trainer, validation, phase_log)

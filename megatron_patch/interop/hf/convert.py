@@ -43,9 +43,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, GenerationConfig, GPT2Config, LlamaConfig, PretrainedConfig
 
-from megatron_patch import checkpoint, reshard, tracker
-from megatron_patch.config import DataConfig, ModelConfig, ParallelConfig, TrainingConfig, padded_vocab_size, to_dict
-from megatron_patch.tokenizer_spec import TokenizerError, TokenizerSpec
+from megatron_patch.checkpoint import layout, reshard, storage
+from megatron_patch.config.schema import (
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    TrainingConfig,
+    padded_vocab_size,
+    to_dict,
+)
+from megatron_patch.config.tokenizer import TokenizerError, TokenizerSpec
 
 LLAMA, GPT2 = "llama", "gpt2"
 HF_CLASSES = {LLAMA: "LlamaForCausalLM", GPT2: "GPT2LMHeadModel"}
@@ -427,26 +434,26 @@ def locate_checkpoint(root: str, iteration: Optional[int] = None) -> SavedCheckp
     explicit = iteration is not None
     if iteration is None:
         try:
-            iteration = tracker.latest_iteration(root)
+            iteration = layout.latest_iteration(root)
         except ValueError as e:
             raise ExportError(f"{root}: incomplete checkpoint: {e}") from None
         if iteration is None:
-            raise ExportError(f"{root}: not a checkpoint directory (no {tracker.TRACKER})")
-    directory = tracker.iteration_dir(root, iteration)
+            raise ExportError(f"{root}: not a checkpoint directory (no {layout.TRACKER})")
+    directory = layout.iteration_dir(root, iteration)
     if not os.path.isdir(directory) and explicit:
         raise ExportError(f"{root}: no checkpoint of iteration {iteration} ({os.path.basename(directory)})")
     if not os.path.isdir(directory):
         raise ExportError(f"{root}: incomplete checkpoint: no directory {os.path.basename(directory)} for iteration "
                           f"{iteration}")
     try:
-        run = tracker.read_run(root, iteration)
+        run = layout.read_run(root, iteration)
         if run is not None:
             config = run["config"]
         else:  # written without run.json: every shard carries the config
             shards = sorted(glob.glob(os.path.join(directory, "mp_rank_*", "model_optim_rng.pt")))
             if not shards:
                 raise ExportError(f"{directory}: incomplete checkpoint: no mp_rank_*/model_optim_rng.pt shards")
-            config = checkpoint.read(shards[0])["config"]
+            config = storage.read(shards[0])["config"]
         tp = config["parallel"]["tensor_model_parallel_size"]
         pp = config["parallel"]["pipeline_model_parallel_size"]
     except _READ_ERRORS as e:
@@ -574,7 +581,7 @@ def write_checkpoint(full: dict, cfg_dict: dict, out_root: str, tp: int, pp: int
     rows = padded_vocab_size(full[EMBEDDING].size(0), tp)
     sharding = reshard.sharding_for(model)
     per_stage = model.num_layers // pp
-    directory = tracker.iteration_dir(out_root, iteration)
+    directory = layout.iteration_dir(out_root, iteration)
     for pp_rank in range(pp):
         stage = _stage_weights(full, pp_rank, pp, per_stage, tied)
         for tp_rank in range(tp):
@@ -598,8 +605,8 @@ def write_checkpoint(full: dict, cfg_dict: dict, out_root: str, tp: int, pp: int
     except TokenizerError:  # no tokenizer recorded, or its files are gone
         fingerprint = None
     run = {"config": cfg, "datasets": [], "tokenizer_sha256": fingerprint}
-    tracker.fsync_write(os.path.join(directory, tracker.RUN_FILE), json.dumps(run, indent=2, sort_keys=True))
-    tracker.write_tracker(out_root, iteration)
+    layout.fsync_write(os.path.join(directory, layout.RUN_FILE), json.dumps(run, indent=2, sort_keys=True))
+    layout.write_tracker(out_root, iteration)
     return directory
 
 

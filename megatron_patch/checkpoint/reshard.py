@@ -22,8 +22,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron_patch import checkpoint
-from megatron_patch.config import ModelConfig
+from megatron_patch.checkpoint import storage
+from megatron_patch.config.schema import ModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")  # padded to a multiple of 128 * TP
@@ -155,7 +155,7 @@ def full_state_dict(checkpoint_dir: str, sharding: dict) -> dict:
     for shard_dir in shard_dirs:
         ranks = os.path.basename(shard_dir).split("_")[2:]
         tp_rank, pp_rank = int(ranks[0]), int(ranks[1]) if len(ranks) > 1 else 0
-        state = checkpoint.read(os.path.join(shard_dir, "model_optim_rng.pt"))
+        state = storage.read(os.path.join(shard_dir, "model_optim_rng.pt"))
         parallel, num_layers = state["config"]["parallel"], state["config"]["model"]["num_layers"]
         chunk_keys = sorted(k for k in state if re.fullmatch(r"model\d*", k))
         for chunk, key in enumerate(chunk_keys):

@@ -20,10 +20,10 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from megatron_patch.attention import SDPAttention
 from megatron_patch.compat.cpu import pipeline_p2p_settings
-from megatron_patch.config import ModelConfig, ParallelConfig
-from megatron_patch.patching import patch_cross_entropy, patch_position_ids, patchify
+from megatron_patch.config.schema import ModelConfig, ParallelConfig
+from megatron_patch.method.attention import SDPAttention
+from megatron_patch.method.patching import patch_cross_entropy, patch_position_ids, patchify
 
 
 class PatchGPTModel(GPTModel):
@@ -77,7 +77,7 @@ def layer_specs(model: ModelConfig, config: TransformerConfig, vp_stage: int | N
     fused ones. Transformer Engine: megatron-core's TE spec as it is (TE's attention chooses its kernel from
     config.attention_backend)."""
     if model.transformer_impl == "transformer_engine":
-        # Optional GPU package (config.py refuses this implementation without it): imported only when asked for.
+        # Optional GPU package (config/schema.py refuses this implementation without it): imported only when asked for.
         from megatron.core.extensions.transformer_engine import TENorm
 
         spec, norm = get_gpt_layer_with_transformer_engine_spec(), TENorm

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from megatron_patch import runlog
+from megatron_patch.training import json_log
 
 REFERENCE_NAME = "baseline"
 
@@ -151,7 +151,7 @@ def _last_per_iteration(records: List[dict]) -> List[dict]:
 def _phases_of_log(path: str) -> List[Phase]:
     """A log's phases: consecutive records of one patch size (a plan logged to one file by hand has two)."""
     try:
-        records = runlog.read_records(path)
+        records = json_log.read_records(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"{path}: not a --log-json file ({e})") from None
     segments: List[Tuple[int, List[dict]]] = []

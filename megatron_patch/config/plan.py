@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from megatron_patch.config import ConfigError, TrainingConfig, iterations_for_tokens
-from megatron_patch.deepspeed_config import resolve_deepspeed_config
-from megatron_patch.tracker import latest_iteration
+from megatron_patch.checkpoint.layout import latest_iteration
+from megatron_patch.config.deepspeed import resolve_deepspeed_config
+from megatron_patch.config.schema import ConfigError, TrainingConfig, iterations_for_tokens
 
 PHASE_NAMES = ("phase1", "phase2")
 PER_PHASE_FLAGS = ("phase1_lr", "phase2_lr", "phase1_lr_warmup_iters", "phase2_lr_warmup_iters")  # PlanConfig

@@ -2,7 +2,7 @@
 A resumed run appends to the same file and logs again the steps it redoes; readers keep the last record of each
 iteration. No torch: plots, job scripts and tests read logs anywhere.
 
-  python -m megatron_patch.runlog LOG.jsonl     prints the last summary's iteration and train_iters (job scripts)
+  python -m megatron_patch.training.json_log LOG.jsonl   prints the last summary's iteration and train_iters
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def last_summary(path: str) -> Optional[dict]:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        sys.exit("usage: python -m megatron_patch.runlog LOG.jsonl")
+        sys.exit("usage: python -m megatron_patch.training.json_log LOG.jsonl")
     summary = last_summary(argv[0]) if os.path.isfile(argv[0]) else None
     if summary is None:
         sys.exit(f"{argv[0]}: no phase summary")

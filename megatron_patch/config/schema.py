@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from megatron_patch import tracker
-from megatron_patch.tokenizer_spec import TokenizerError, TokenizerSpec
+from megatron_patch.checkpoint import layout
+from megatron_patch.config.tokenizer import TokenizerError, TokenizerSpec
 
 
 class ConfigError(ValueError):
@@ -108,7 +108,7 @@ class ParallelConfig:
 class DataConfig:
     data_path: List[str] = field(default_factory=list)  # Megatron blend syntax: [w1] prefix1 [w2 prefix2 ...]
     split: str = "969,30,1"
-    # The tokenizer (tokenizer_spec.py): Megatron-LM's --tokenizer-type and the flags of each type.
+    # The tokenizer (tokenizer.py): Megatron-LM's --tokenizer-type and the flags of each type.
     tokenizer_type: Optional[str] = None  # None: SentencePiece for a .model, HuggingFace for a .json / directory
     tokenizer_model: Optional[str] = None
     vocab_file: Optional[str] = None
@@ -152,7 +152,7 @@ class TrackingConfig:
 
 @dataclass
 class PlanConfig:
-    """A two-phase plan (megatron_patch/plan.py) instead of a single phase: with `patch_fraction` set, the
+    """A two-phase plan (megatron_patch/config/plan.py) instead of a single phase: with `patch_fraction` set, the
     TrainingConfig describes the token-level run (seq length, global batch, total tokens) that the plan splits."""
 
     patch_fraction: Optional[float] = None  # lambda: the fraction of the token budget trained at patch level
@@ -403,8 +403,8 @@ class TrainingConfig:
             TokenizerSpec.of(self.data).resolved()
         except TokenizerError as e:
             raise ConfigError(str(e)) from None
-        if self.pretrained_checkpoint and not tracker.has_tracker(self.pretrained_checkpoint):
-            raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {tracker.TRACKER} there")
+        if self.pretrained_checkpoint and not layout.has_tracker(self.pretrained_checkpoint):
+            raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {layout.TRACKER} there")
 
 
 def token_level_view(cfg: TrainingConfig) -> TrainingConfig:

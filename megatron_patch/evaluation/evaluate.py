@@ -31,8 +31,8 @@ from typing import List, Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_patch import reshard, tracker
-from megatron_patch.config import (
+from megatron_patch.checkpoint import layout, reshard
+from megatron_patch.config.schema import (
     ConfigError,
     ParallelConfig,
     TrainingConfig,
@@ -41,13 +41,13 @@ from megatron_patch.config import (
     parse_blend,
     token_level_view,
 )
+from megatron_patch.config.tokenizer import TokenizerSpec
 from megatron_patch.data.corpus import expand_inputs, read_documents
 from megatron_patch.data.dataset import micro_batches
-from megatron_patch.data.tokenizer import build_tokenizer
-from megatron_patch.model import build_model, transformer_config
-from megatron_patch.step import global_loss_totals, run_schedule
-from megatron_patch.tokenizer_spec import TokenizerSpec
-from megatron_patch.train import datasets_for, num_samples
+from megatron_patch.data.tokenizers.wrappers import build_tokenizer
+from megatron_patch.distributed.step import global_loss_totals, run_schedule
+from megatron_patch.method.model import build_model, transformer_config
+from megatron_patch.training.trainer import datasets_for, num_samples
 
 SPLITS = ("train", "valid", "test")
 
@@ -82,13 +82,13 @@ class Scores:
 def saved_config(root: str, iteration: Optional[int] = None):
     """(the training config a checkpoint was written with, its iteration); EvaluationError if it is not one."""
     if iteration is None:
-        iteration = tracker.latest_iteration(root)
+        iteration = layout.latest_iteration(root)
         if iteration is None:
-            raise EvaluationError(f"{root}: not a checkpoint directory (no {tracker.TRACKER})")
-    run = tracker.read_run(root, iteration)
+            raise EvaluationError(f"{root}: not a checkpoint directory (no {layout.TRACKER})")
+    run = layout.read_run(root, iteration)
     if run is None:
-        raise EvaluationError(f"{tracker.iteration_dir(root, iteration)}: missing or incomplete checkpoint "
-                              f"(no {tracker.RUN_FILE})")
+        raise EvaluationError(f"{layout.iteration_dir(root, iteration)}: missing or incomplete checkpoint "
+                              f"(no {layout.RUN_FILE})")
     return from_dict(run["config"]), iteration
 
 
@@ -106,7 +106,7 @@ class CheckpointModel:
                        for stage in range(vpp or 1)]
         sharding = {k: v for chunk in self.chunks for k, v in reshard.sharding_of(chunk).items()}
         try:
-            full = reshard.full_state_dict(tracker.iteration_dir(root, self.iteration), sharding)
+            full = reshard.full_state_dict(layout.iteration_dir(root, self.iteration), sharding)
         except FileNotFoundError as e:
             raise EvaluationError(f"{root}: incomplete checkpoint: {e}") from None
         for chunk in self.chunks:

@@ -16,7 +16,7 @@ two-phase plan costs lambda/K + 1 - lambda of a token-only run on the same token
 
 from __future__ import annotations
 
-from megatron_patch.config import ModelConfig
+from megatron_patch.config.schema import ModelConfig
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity), matched against the device name.
 PEAK_TFLOPS = {

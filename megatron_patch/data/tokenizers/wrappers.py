@@ -1,4 +1,4 @@
-"""The tokenizers of Megatron-LM's --tokenizer-type (tokenizer_spec.py: the flags, checks and fingerprint), one
+"""The tokenizers of Megatron-LM's --tokenizer-type (config/tokenizer.py: the flags, checks and fingerprint), one
 interface for preprocessing, the trainer, evaluation and export: `tokenize`/`tokenize_batch` (ids, no BOS/EOS),
 `detokenize`, `vocab_size`, `eod`, `pad` (-1 when the tokenizer has none: --pad-id), `unique_identifiers` (the shape
 megatron-core's datasets expect), `fingerprint`, `piece_byte_lengths` (bits per byte), `hf_special_ids` and
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import sentencepiece as spm
 
-from megatron_patch.tokenizer_spec import SENTENCEPIECE_TYPES, TokenizerError, TokenizerSpec, file_sha256
+from megatron_patch.config.tokenizer import SENTENCEPIECE_TYPES, TokenizerError, TokenizerSpec, file_sha256
 
 # What a tokenizer raises for a text it cannot encode (a lone surrogate, a NullTokenizer text that is not ids).
 TOKENIZE_ERRORS = (TypeError, RuntimeError, UnicodeError, ValueError)
@@ -130,8 +130,8 @@ class SentencePieceTokenizer(Tokenizer):
         return {key: (i if i >= 0 else None) for key, i in ids.items()}
 
     def save_hf(self, out_dir: str) -> None:
-        """The HF tokenizer files giving these ids (hf_tokenizer.py; TokenizerExportError when none can)."""
-        from megatron_patch.hf_tokenizer import save_hf_tokenizer
+        """The HF tokenizer files giving these ids (sentencepiece_to_hf.py; TokenizerExportError when none can)."""
+        from megatron_patch.data.tokenizers.sentencepiece_to_hf import save_hf_tokenizer
 
         save_hf_tokenizer(self.model_path, out_dir)
 

@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Dict, List, Optional
 
-from megatron_patch import tracker
-from megatron_patch.config import ConfigError, TrainingConfig
-from megatron_patch.flags import parse_args
-from megatron_patch.plan import PER_PHASE_FLAGS, phases_to_run
-from megatron_patch.runs import Run, RunError, read_evaluation, read_run
+from megatron_patch.checkpoint import layout
+from megatron_patch.config.flags import parse_args
+from megatron_patch.config.plan import PER_PHASE_FLAGS, phases_to_run
+from megatron_patch.config.schema import ConfigError, TrainingConfig
+from megatron_patch.experiments.runs import Run, RunError, read_evaluation, read_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("out", "nproc_per_node", "common", "sizes", "K", "lambda", "tokens", "seeds", "variants", "eval", "slurm")
@@ -96,7 +96,7 @@ class Point:
         return os.path.join(self.directory, "eval.json")
 
     def trained(self) -> bool:
-        return tracker.latest_iteration(self.final_checkpoint) == self.final_iteration
+        return layout.latest_iteration(self.final_checkpoint) == self.final_iteration
 
     def evaluation(self) -> Optional[dict]:
         """The run's evaluate.py result if it scores the final checkpoint, else None."""
@@ -422,7 +422,7 @@ def shell_line(settings: Dict[str, str], command: List[str]) -> str:
 
 
 def read_point(point: Point) -> Run:
-    """The run's logs (megatron_patch/runs.py) with its evaluation attached; raises RunError."""
+    """The run's logs (megatron_patch/experiments/runs.py) with its evaluation attached; raises RunError."""
     run = read_run(os.path.abspath(point.log))  # a bare path: the name holds '=', which NAME=PATH would split at
     run.name, run.evaluation = point.name, point.evaluation()
     return run

@@ -6,11 +6,11 @@ Who does what:
                  gradient clipping, the optimizer step, checkpoints of all that
   this module    the mpu adapter between the two; the hooks of the training step (Trainer.train_step); checkpoints
                  under our atomic tracker, each with a consolidated fp32 copy of the weights in Megatron's layout.
-                 The JSON handed to the engine is resolved (and checked) before any work: deepspeed_config.py
+                 The JSON handed to the engine is resolved (and checked) before any work: config/deepspeed.py
 
 The step. Without pipeline parallelism every micro-batch goes through the engine (forward, engine.backward,
 engine.step): ZeRO-2/3 reduce and partition gradients inside backward, in hooks only engine.backward drives. With
-pipeline parallelism (DeepSpeed allows it with ZeRO-1 only here, see deepspeed_config.py) megatron-core's 1F1B schedule
+pipeline parallelism (DeepSpeed allows it with ZeRO-1 only here, see config/deepspeed.py) megatron-core's 1F1B schedule
 runs the model chunks, so activations and their gradients cross stages through megatron-core's p2p exactly as
 without DeepSpeed; the gradients it accumulates in param.grad are reduced by the engine at one accumulation boundary
 and the engine takes the optimizer step.
@@ -33,11 +33,12 @@ from megatron.core.optimizer import _get_param_groups
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-from megatron_patch import checkpoint, parallel, tracker
-from megatron_patch.config import to_dict
-from megatron_patch.parallel import print_rank_0
-from megatron_patch.step import forward_step, global_losses, lr_scheduler, megatron_optimizer_config
-from megatron_patch.train import Trainer
+from megatron_patch.checkpoint import layout, storage
+from megatron_patch.config.schema import to_dict
+from megatron_patch.distributed import parallel
+from megatron_patch.distributed.parallel import print_rank_0
+from megatron_patch.distributed.step import forward_step, global_losses, lr_scheduler, megatron_optimizer_config
+from megatron_patch.training.trainer import Trainer
 
 
 class MegatronMpu:
@@ -192,14 +193,14 @@ class DeepSpeedTrainer(Trainer):
                                         client_state=self.training_state(), save_latest=False)
             export_weights(self, staging)
 
-        path = checkpoint.save_with(self.cfg.save, self.iteration, self.run_record(), write)
+        path = storage.save_with(self.cfg.save, self.iteration, self.run_record(), write)
         print_rank_0(f"saved DeepSpeed checkpoint and fp32 weights {path}")
 
     def resume(self, iteration: int) -> None:
         """The engine (model, optimizer, ZeRO partitions) and our training state from --load."""
-        tag = os.path.basename(tracker.iteration_dir(self.cfg.load, iteration))
+        tag = os.path.basename(layout.iteration_dir(self.cfg.load, iteration))
         # DeepSpeed's own reader unpickles with weights_only=False: every file it reads goes through ours instead.
-        self.engine.checkpoint_engine.load = lambda path, map_location=None: checkpoint.read(
+        self.engine.checkpoint_engine.load = lambda path, map_location=None: storage.read(
             path, deepspeed_safe_globals(), map_location)
         _, client_state = self.engine.load_checkpoint(self.cfg.load, tag=tag, load_lr_scheduler_states=False)
         self.restore_training_state(client_state)
@@ -207,7 +208,7 @@ class DeepSpeedTrainer(Trainer):
 
 
 def deepspeed_safe_globals() -> list:
-    """The non-tensor objects DeepSpeed's checkpoints hold (ZeRO's optimizer state), allowed by checkpoint.read."""
+    """The non-tensor objects DeepSpeed's checkpoints hold (ZeRO's optimizer state), allowed by storage.read."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -232,7 +233,7 @@ def consolidated_weights(trainer: DeepSpeedTrainer) -> dict:
             if torch.is_tensor(value) and value.is_floating_point():
                 value = value.detach().float().cpu().clone()
             state[name] = value
-        out[checkpoint.model_key(index, len(trainer.chunks))] = state
+        out[storage.model_key(index, len(trainer.chunks))] = state
     return out
 
 
@@ -240,7 +241,7 @@ def export_weights(trainer: DeepSpeedTrainer, directory: str) -> None:
     """Write this rank's consolidated fp32 weights as `mp_rank_*/model_optim_rng.pt` under `directory` (weights and
     config only, the layout reshard.full_state_dict and --pretrained-checkpoint read). Collective."""
     weights = consolidated_weights(trainer)
-    checkpoint.write_shard(directory, {**weights, "iteration": trainer.iteration, "config": to_dict(trainer.cfg)})
+    storage.write_shard(directory, {**weights, "iteration": trainer.iteration, "config": to_dict(trainer.cfg)})
 
 
 def memory_footprint(engine) -> dict:

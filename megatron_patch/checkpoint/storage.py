@@ -24,10 +24,17 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_patch.config import ConfigError, TrainingConfig, from_dict, to_dict
-from megatron_patch.flags import flag_for
-from megatron_patch.tokenizer_spec import SENTENCEPIECE_TYPES, TokenizerSpec
-from megatron_patch.tracker import RUN_FILE, TRACKER, fsync_write, iteration_dir, latest_iteration, write_tracker
+from megatron_patch.checkpoint.layout import (
+    RUN_FILE,
+    TRACKER,
+    fsync_write,
+    iteration_dir,
+    latest_iteration,
+    write_tracker,
+)
+from megatron_patch.config.flags import flag_for
+from megatron_patch.config.schema import ConfigError, TrainingConfig, from_dict, to_dict
+from megatron_patch.config.tokenizer import SENTENCEPIECE_TYPES, TokenizerSpec
 
 # What must not change under a resumed run (--load) / a phase hand-off (--pretrained-checkpoint).
 MODEL_SHAPE = ["num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "normalization", "swiglu",

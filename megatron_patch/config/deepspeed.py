@@ -12,8 +12,8 @@ import glob
 import json
 import os
 
-from megatron_patch import tracker
-from megatron_patch.config import ConfigError, TrainingConfig
+from megatron_patch.checkpoint import layout
+from megatron_patch.config.schema import ConfigError, TrainingConfig
 
 
 class _Settler:
@@ -117,9 +117,9 @@ def _settle_zero(ds: dict, s: _Settler, cfg: TrainingConfig) -> None:
 
 
 def _check_resume(cfg: TrainingConfig) -> None:
-    iteration = tracker.latest_iteration(cfg.load)
-    if iteration is not None and not is_deepspeed_checkpoint(tracker.iteration_dir(cfg.load, iteration)):
-        raise ConfigError(f"--load {cfg.load}: {tracker.iteration_dir(cfg.load, iteration)} was not written with "
+    iteration = layout.latest_iteration(cfg.load)
+    if iteration is not None and not is_deepspeed_checkpoint(layout.iteration_dir(cfg.load, iteration)):
+        raise ConfigError(f"--load {cfg.load}: {layout.iteration_dir(cfg.load, iteration)} was not written with "
                           f"--deepspeed; resume it without --deepspeed, or start from its weights with "
                           f"--pretrained-checkpoint")
 

@@ -20,7 +20,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_patch.compat.cpu import apply_cpu_shims
 from megatron_patch.compat.torch_adam import apply_torch_adam_fixes
-from megatron_patch.config import ConfigError, ParallelConfig
+from megatron_patch.config.schema import ConfigError, ParallelConfig
 
 _LAUNCHER_ENV = [  # (rank, world size, local rank)
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),

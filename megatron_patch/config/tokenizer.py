@@ -1,5 +1,6 @@
 """Which tokenizer a run uses: Megatron-LM's --tokenizer-type and the flags each type reads, checked without loading
-anything (no tokenizer library, no torch), and its fingerprint. megatron_patch.data.tokenizer builds the tokenizer.
+anything (no tokenizer library, no torch), and its fingerprint. megatron_patch.data.tokenizers.wrappers builds the
+tokenizer.
 
 | --tokenizer-type | defined by | EOD | vocabulary |
 |---|---|---|---|

@@ -9,9 +9,15 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
-from megatron_patch.config import ATTENTION_BACKENDS, CKPT_FORMATS, RECOMPUTE_MODULES, TRANSFORMER_IMPLS, TrainingConfig
-from megatron_patch.presets import MODEL_PRESETS
-from megatron_patch.tokenizer_spec import TOKENIZER_FLAGS
+from megatron_patch.config.presets import MODEL_PRESETS
+from megatron_patch.config.schema import (
+    ATTENTION_BACKENDS,
+    CKPT_FORMATS,
+    RECOMPUTE_MODULES,
+    TRANSFORMER_IMPLS,
+    TrainingConfig,
+)
+from megatron_patch.config.tokenizer import TOKENIZER_FLAGS
 
 
 @dataclass

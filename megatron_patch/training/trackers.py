@@ -15,10 +15,10 @@ from typing import Optional
 
 import torch
 
-from megatron_patch import parallel
-from megatron_patch.config import ConfigError, TrackingConfig
-from megatron_patch.flags import flag_for
-from megatron_patch.flops import peak_tflops_of
+from megatron_patch.config.flags import flag_for
+from megatron_patch.config.schema import ConfigError, TrackingConfig
+from megatron_patch.distributed import parallel
+from megatron_patch.method.flops import peak_tflops_of
 
 
 def _backend(module: str, flag: str):

@@ -33,7 +33,7 @@ TIMED_TRAINER = """
 import json, sys, time
 from megatron_patch.cli.pretrain import main
 from megatron_patch.training.trackers import Trackers
-from megatron_patch.training.trainer import PhaseLog
+from megatron_patch.training.phase_log import PhaseLog
 step, log = PhaseLog.step, Trackers.log
 stamps, in_trackers = [], [0.0]
 def timed_step(self, stats, seconds):

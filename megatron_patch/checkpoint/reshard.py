@@ -9,10 +9,10 @@ dimension and gives rank r the pieces r, r+TP, ... (SwiGLU's fused gate/up weigh
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import warnings
+from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -22,11 +22,17 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron_patch.checkpoint import storage
+from megatron_patch.checkpoint import layout, storage
 from megatron_patch.config.schema import ModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")  # padded to a multiple of 128 * TP
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The layer index in a weight name (`decoder.layers.3.mlp...` -> 3), None for the embedding, norm and output."""
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
 
 
 def renumber(name: str, offset: int) -> str:
@@ -77,12 +83,6 @@ def sharding_for(model: ModelConfig) -> dict:
     return sharding
 
 
-def shard_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    """Megatron-LM's directory of one model-parallel rank's shard: `mp_rank_TT`, or `mp_rank_TT_PPP` with pipeline
-    parallelism."""
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
 def merge_shards(shards, dim: int, stride: int) -> torch.Tensor:
     """The full tensor from the tensor-parallel shards of ranks 0..TP-1 (inverse of `split_shard`)."""
     tp = len(shards)
@@ -100,12 +100,6 @@ def fit_vocab_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     if tensor.size(0) >= rows:
         return tensor[:rows]
     return torch.cat([tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])])
-
-
-def is_torch_dist(checkpoint_dir: str) -> bool:
-    """Whether an iteration directory holds a torch_dist checkpoint (megatron-core dist_checkpointing writes
-    metadata.json next to the torch.distributed.checkpoint files)."""
-    return os.path.isfile(os.path.join(checkpoint_dir, "metadata.json"))
 
 
 # megatron-core's local layers store their norms under Transformer Engine's names in torch_dist checkpoints.
@@ -144,18 +138,17 @@ def _torch_dist_full_state_dict(checkpoint_dir: str) -> dict:
 def full_state_dict(checkpoint_dir: str, sharding: dict) -> dict:
     """All shards of one checkpoint iteration directory (torch_dist or legacy) merged into unsharded tensors with
     global names."""
-    if is_torch_dist(checkpoint_dir):
+    if layout.is_torch_dist(checkpoint_dir):
         return _torch_dist_full_state_dict(checkpoint_dir)
     # Directories only: a DeepSpeed checkpoint also holds mp_rank_*_model_states.pt files next to them.
-    shards = glob.glob(os.path.join(checkpoint_dir, "mp_rank_*", "model_optim_rng.pt"))
-    shard_dirs = sorted(os.path.dirname(f) for f in shards)
+    shard_dirs = [os.path.dirname(f) for f in layout.legacy_shards(checkpoint_dir)]
     if not shard_dirs:
-        raise FileNotFoundError(f"{checkpoint_dir}: no mp_rank_*/model_optim_rng.pt shards")
+        raise FileNotFoundError(f"{checkpoint_dir}: no mp_rank_*/{layout.SHARD_FILE} shards")
     by_tp: dict = {}  # global name -> {tp_rank: tensor}
     for shard_dir in shard_dirs:
         ranks = os.path.basename(shard_dir).split("_")[2:]
         tp_rank, pp_rank = int(ranks[0]), int(ranks[1]) if len(ranks) > 1 else 0
-        state = storage.read(os.path.join(shard_dir, "model_optim_rng.pt"))
+        state = storage.read(os.path.join(shard_dir, layout.SHARD_FILE))
         parallel, num_layers = state["config"]["parallel"], state["config"]["model"]["num_layers"]
         chunk_keys = sorted(k for k in state if re.fullmatch(r"model\d*", k))
         for chunk, key in enumerate(chunk_keys):

@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from megatron_patch.checkpoint.guards import locate
 from megatron_patch.config.flags import non_negative_int, positive_int
 from megatron_patch.config.schema import ConfigError, ParallelConfig
 from megatron_patch.config.tokenizer import TokenizerError, TokenizerSpec, add_tokenizer_arguments, given_or_runs
-from megatron_patch.data.corpus import BadInput
-from megatron_patch.data.dataset import DataError
 from megatron_patch.distributed import parallel
 from megatron_patch.distributed.parallel import print_rank_0
-from megatron_patch.evaluation.evaluate import SPLITS, EvaluationError, EvaluationRequest, evaluate, saved_config
+from megatron_patch.errors import OneLineErrorParser, one_line_errors
+from megatron_patch.evaluation.evaluate import SPLITS, EvaluationRequest, evaluate
 
 PROG = "evaluate.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, metavar="CKPT", help="checkpoint directory (its tracker's iteration)")
     parser.add_argument("--iteration", type=non_negative_int, help="another saved iteration than the latest")
     source = parser.add_argument_group("what to evaluate (default: the run's validation split)")
@@ -77,7 +75,7 @@ def _request(args) -> EvaluationRequest:
 
 def _check_model(request: EvaluationRequest) -> TokenizerSpec:
     """Before any process group: the checkpoint and tokenizer exist, the layout fits the model."""
-    saved, _ = saved_config(request.root, request.iteration)
+    saved = locate(request.root, request.iteration).training_config
     try:
         tokenizer = given_or_runs(request.tokenizer, saved.data).resolved()
     except TokenizerError as e:
@@ -103,29 +101,20 @@ def _print(result: dict) -> None:
     print_rank_0(json.dumps(result))
 
 
-def _fail(error: Exception) -> None:
-    print(f"{PROG}: error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors(PROG):
         request = _request(args)
         tokenizer = _check_model(request)
-    except (ConfigError, EvaluationError) as e:
-        _fail(e)
-    parallel.initialize(request.parallel, seed=0)
-    try:
-        result = evaluate(request, tokenizer)
-        _print(result)
-        if args.output and parallel.is_rank_0():
-            with open(args.output, "w") as f:
-                json.dump(result, f, indent=2)
-    except (ConfigError, EvaluationError, DataError, BadInput) as e:
-        _fail(e)
-    finally:
-        parallel.destroy()
+        parallel.initialize(request.parallel, seed=0)
+        try:
+            result = evaluate(request, tokenizer)
+            _print(result)
+            if args.output and parallel.is_rank_0():
+                with open(args.output, "w") as f:
+                    json.dump(result, f, indent=2)
+        finally:
+            parallel.destroy()
 
 
 if __name__ == "__main__":

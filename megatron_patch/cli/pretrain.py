@@ -7,33 +7,31 @@ stderr (exit 2), a diverged run exits 1.
 
 from __future__ import annotations
 
-import sys
-
 from megatron_patch.checkpoint import layout
-from megatron_patch.checkpoint.storage import CheckpointSaveError
 from megatron_patch.config.flags import parse_args
 from megatron_patch.config.plan import phases_to_run
-from megatron_patch.config.schema import ConfigError
-from megatron_patch.data.dataset import DataError
 from megatron_patch.distributed import parallel
 from megatron_patch.distributed.parallel import print_rank_0
-from megatron_patch.training.deepspeed import DeepSpeedTrainer
-from megatron_patch.training.trainer import Trainer, TrainingDiverged, pretrain
+from megatron_patch.errors import one_line_errors
+from megatron_patch.training.deepspeed_engine import DeepSpeedEngine
+from megatron_patch.training.engine import MegatronEngine
+from megatron_patch.training.loop import pretrain
 
-
-def _fail(error: Exception, code: int, say: bool = True):
-    if say:
-        print(f"pretrain_patch_gpt: error: {error}", file=sys.stderr)
-    sys.exit(code)
+PROG = "pretrain_patch_gpt"
 
 
 def main(argv=None) -> None:
-    try:
+    rank_0 = True  # until the process group starts, every process says its error
+    # A collective error (a failed save: every rank has the message) only rank 0 says.
+    with one_line_errors(PROG, say=lambda error: rank_0 or not error.collective):
         cfg = parse_args(argv)
         phases, plan = phases_to_run(cfg, parallel.launch_from_env().world_size)
         parallel.initialize(phases[0].parallel, cfg.seed)
-    except ConfigError as e:
-        _fail(e, 2)
+        rank_0 = parallel.is_rank_0()  # asked now: after parallel.destroy() every process is rank 0
+        _run(phases, plan)
+
+
+def _run(phases, plan) -> None:
     try:
         if plan:
             print_rank_0(plan.describe())
@@ -41,13 +39,7 @@ def main(argv=None) -> None:
             if plan and layout.latest_iteration(phase.save) == phase.train_iters:
                 print_rank_0(f"{phase.save}: already complete at iteration {phase.train_iters}, skipped")
                 continue
-            pretrain(phase, DeepSpeedTrainer if phase.deepspeed.enabled else Trainer)
-    except (ConfigError, DataError) as e:
-        _fail(e, 2)
-    except TrainingDiverged as e:
-        _fail(e, 1)
-    except CheckpointSaveError as e:  # disk full, unwritable --save: every rank has the message, rank 0 says it
-        _fail(e, 1, say=parallel.is_rank_0())
+            pretrain(phase, DeepSpeedEngine if phase.deepspeed.enabled else MegatronEngine)
     finally:
         parallel.destroy()
 

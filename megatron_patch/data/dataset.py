@@ -22,10 +22,12 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
+from megatron_patch.config.schema import TrainingConfig, parse_blend
 from megatron_patch.data.indexed import DatasetFormatError, check_dataset, read_sidecar
+from megatron_patch.errors import MegatronPatchError
 
 
-class DataError(ValueError):
+class DataError(MegatronPatchError, ValueError):
     """A dataset that cannot give what the run asks of it; reported as one line."""
 
 
@@ -188,6 +190,28 @@ def alignment_pad_id(prefixes: List[str], tokenizer) -> int:
         raise DataError(f"--data-path: the datasets were padded with different pad ids {sorted(ids)}; "
                         f"preprocess them with one --pad-id")
     return ids.pop() if ids else tokenizer.pad
+
+
+def datasets_for(cfg: TrainingConfig, tokenizer, samples: Optional[list] = None):
+    """The (train, valid, test) PatchGPTDatasets a run of `cfg` reads (None where a split is empty); `samples`:
+    other sample counts than the run's."""
+    prefixes, weights = parse_blend(cfg.data.data_path)
+    train, valid, test = build_datasets(
+        prefixes, weights, cfg.data.split, tokenizer, cfg.patch_size, cfg.num_patches, samples or num_samples(cfg),
+        cfg.seed, alignment_pad_id(prefixes, tokenizer), cfg.data.data_cache_path, lambda: True,
+        cfg.data.train_data_range,
+    )
+    return train, valid, test
+
+
+def num_samples(cfg: TrainingConfig) -> list:
+    """Samples of the train, validation and test datasets a run builds (the validation samples depend on it)."""
+    evals = cfg.train_iters // cfg.eval_interval + 1
+    return [
+        cfg.train_iters * cfg.global_batch_size,
+        evals * cfg.eval_iters * cfg.global_batch_size,
+        0,  # the test split is never read during training
+    ]
 
 
 class MicroBatchSampler:

@@ -31,28 +31,21 @@ from typing import List, Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_patch.checkpoint import layout, reshard
-from megatron_patch.config.schema import (
-    ConfigError,
-    ParallelConfig,
-    TrainingConfig,
-    from_dict,
-    padded_vocab_size,
-    parse_blend,
-    token_level_view,
-)
+from megatron_patch.checkpoint.guards import locate
+from megatron_patch.checkpoint.model_chunks import model_chunks
+from megatron_patch.config.schema import ConfigError, ParallelConfig, TrainingConfig, parse_blend, token_level_view
 from megatron_patch.config.tokenizer import TokenizerSpec
 from megatron_patch.data.corpus import expand_inputs, read_documents
-from megatron_patch.data.dataset import micro_batches
+from megatron_patch.data.dataset import datasets_for, micro_batches, num_samples
 from megatron_patch.data.tokenizers.wrappers import build_tokenizer
 from megatron_patch.distributed.step import global_loss_totals, run_schedule
-from megatron_patch.method.model import build_model, transformer_config
-from megatron_patch.training.trainer import datasets_for, num_samples
+from megatron_patch.errors import MegatronPatchError
+from megatron_patch.method.model import transformer_config
 
 SPLITS = ("train", "valid", "test")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(MegatronPatchError, ValueError):
     """A checkpoint, dataset or text that cannot be evaluated; reported as one line."""
 
 
@@ -79,38 +72,17 @@ class Scores:
                 "bits_per_byte": self.bits_per_byte}
 
 
-def saved_config(root: str, iteration: Optional[int] = None):
-    """(the training config a checkpoint was written with, its iteration); EvaluationError if it is not one."""
-    if iteration is None:
-        iteration = layout.latest_iteration(root)
-        if iteration is None:
-            raise EvaluationError(f"{root}: not a checkpoint directory (no {layout.TRACKER})")
-    run = layout.read_run(root, iteration)
-    if run is None:
-        raise EvaluationError(f"{layout.iteration_dir(root, iteration)}: missing or incomplete checkpoint "
-                              f"(no {layout.RUN_FILE})")
-    return from_dict(run["config"]), iteration
-
-
 class CheckpointModel:
     """A checkpoint's model chunks for this rank of the current layout, with its weights, in eval mode."""
 
     def __init__(self, root: str, iteration: Optional[int], parallel: ParallelConfig, tokenizer: TokenizerSpec):
-        self.saved, self.iteration = saved_config(root, iteration)
+        checkpoint = locate(root, iteration)
+        self.saved, self.iteration = checkpoint.training_config, checkpoint.iteration
         self.tokenizer = build_tokenizer(tokenizer)
-        vocab_size = padded_vocab_size(self.tokenizer.vocab_size, parallel.tensor_model_parallel_size)
         config = transformer_config(self.saved.model, parallel)  # fp32: evaluation is not where to save memory
-        vpp = parallel.virtual_pipeline_model_parallel_size
-        self.chunks = [build_model(self.saved.model, parallel, vocab_size, 1, config=config,
-                                   vp_stage=stage if vpp else None, tokenizer_vocab_size=self.tokenizer.vocab_size)
-                       for stage in range(vpp or 1)]
-        sharding = {k: v for chunk in self.chunks for k, v in reshard.sharding_of(chunk).items()}
-        try:
-            full = reshard.full_state_dict(layout.iteration_dir(root, self.iteration), sharding)
-        except FileNotFoundError as e:
-            raise EvaluationError(f"{root}: incomplete checkpoint: {e}") from None
+        self.chunks = model_chunks(self.saved.model, parallel, self.tokenizer.vocab_size, 1, config,
+                                   weights_from=checkpoint.directory)
         for chunk in self.chunks:
-            reshard.load_into(chunk, full)
             chunk.eval()
 
     @torch.no_grad()

@@ -4,8 +4,9 @@ Who does what:
   megatron-core  tensor and pipeline parallelism: process groups, layers, pipeline schedules
   DeepSpeed      data parallelism: gradient reduction, ZeRO partitioning (optimizer state, gradients, parameters),
                  gradient clipping, the optimizer step, checkpoints of all that
-  this module    the mpu adapter between the two; the hooks of the training step (Trainer.train_step); checkpoints
-                 under our atomic tracker, each with a consolidated fp32 copy of the weights in Megatron's layout.
+  this module    the mpu adapter between the two; the engine's step hooks (engine.py); a CheckpointManager that
+                 writes DeepSpeed's checkpoints under our atomic tracker, each with a consolidated fp32 copy of the
+                 weights in Megatron's layout.
                  The JSON handed to the engine is resolved (and checked) before any work: config/deepspeed.py
 
 The step. Without pipeline parallelism every micro-batch goes through the engine (forward, engine.backward,
@@ -34,11 +35,12 @@ from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from megatron_patch.checkpoint import layout, storage
-from megatron_patch.config.schema import to_dict
+from megatron_patch.checkpoint.manager import CheckpointManager
+from megatron_patch.config.schema import TrainingConfig, to_dict
 from megatron_patch.distributed import parallel
 from megatron_patch.distributed.parallel import print_rank_0
 from megatron_patch.distributed.step import forward_step, global_losses, lr_scheduler, megatron_optimizer_config
-from megatron_patch.training.trainer import Trainer
+from megatron_patch.training.engine import Engine
 
 
 class MegatronMpu:
@@ -98,14 +100,40 @@ def _import_deepspeed():
 
 # -- training ----------------------------------------------------------------------------------------------------
 
-class DeepSpeedTrainer(Trainer):
-    """Trainer whose data parallelism, optimizer and checkpoints are a DeepSpeed engine's: fills the hooks of the
-    step skeleton (Trainer.train_step)."""
+class DeepSpeedCheckpointManager(CheckpointManager):
+    """DeepSpeed's checkpoint (model, ZeRO partitions, our training state as client state) plus the full-precision
+    weights in Megatron's layout (what --pretrained-checkpoint reads), committed by our atomic tracker."""
 
-    def wrap(self, models: list) -> None:
-        cfg = self.cfg
+    def save(self, trainer, iteration: int, run: dict) -> str:
+        engine = trainer.engine.ds_engine
+
+        def write(staging: str) -> None:
+            engine.save_checkpoint(os.path.dirname(staging), tag=os.path.basename(staging),
+                                   client_state=trainer.training_state(), save_latest=False)
+            export_weights(trainer.models, iteration, trainer.cfg, staging)
+
+        return storage.save_with(self.cfg.save, iteration, run, write)
+
+    def resume(self, trainer, iteration: int) -> None:
+        """The engine (model, optimizer, ZeRO partitions) and our training state from --load."""
+        engine = trainer.engine.ds_engine
+        tag = os.path.basename(layout.iteration_dir(self.cfg.load, iteration))
+        # DeepSpeed's own reader unpickles with weights_only=False: every file it reads goes through ours instead.
+        engine.checkpoint_engine.load = lambda path, map_location=None: storage.read(
+            path, deepspeed_safe_globals(), map_location)
+        _, client_state = engine.load_checkpoint(self.cfg.load, tag=tag, load_lr_scheduler_states=False)
+        trainer.restore_training_state(client_state)
+
+
+class DeepSpeedEngine(Engine):
+    """Data parallelism, optimizer and checkpoints of a DeepSpeed engine around the model chunks."""
+
+    checkpoint_manager = DeepSpeedCheckpointManager
+
+    def __init__(self, cfg: TrainingConfig, config, models: list):
+        super().__init__(cfg)
         # megatron's parameter groups: no weight decay on biases and norms (wd_mult 0, read by the LR schedule).
-        groups = _get_param_groups(models, megatron_optimizer_config(cfg, self.config.params_dtype), None)
+        groups = _get_param_groups(models, megatron_optimizer_config(cfg, config.params_dtype), None)
         for param in (p for m in models for p in m.parameters()):
             # megatron marks the last stage's copy of a tied embedding `shared`; DeepSpeed's gradient norm skips
             # parameters it is told another pipeline stage also holds.
@@ -113,7 +141,7 @@ class DeepSpeedTrainer(Trainer):
         # DeepSpeed insists on LOCAL_RANK, which srun and a lone process do not set; parallel knows it from any
         # launcher.
         os.environ.setdefault("LOCAL_RANK", str(parallel.launch_from_env().local_rank))
-        self.engine, self.optimizer, _, _ = _import_deepspeed().initialize(
+        self.ds_engine, self.optimizer, _, _ = _import_deepspeed().initialize(
             model=models[0] if len(models) == 1 else torch.nn.ModuleList(models),
             model_parameters=[group for group in groups if group["params"]],
             config=for_this_device(cfg.deepspeed.resolved),
@@ -124,29 +152,25 @@ class DeepSpeedTrainer(Trainer):
         self.pipelined = cfg.parallel.pipeline_model_parallel_size > 1
         self.scheduler = lr_scheduler(self.optimizer, cfg.optim)
         # ZeRO-0 in fp32 hands the gradients to a plain torch optimizer, which reports no norm.
-        self.norm_from_grads = self.engine.zero_optimization_stage() == 0 and not cfg.bf16
-
-    @property
-    def models(self) -> list:
-        return self.chunks
+        self.norm_from_grads = self.ds_engine.zero_optimization_stage() == 0 and not cfg.bf16
 
     def forward_backward(self, data_iterators):
         if not self.pipelined:
             return self._engine_micro_batches(data_iterators[0])
-        self.engine.set_gradient_accumulation_boundary(False)  # reduce nothing while the schedule runs
+        self.ds_engine.set_gradient_accumulation_boundary(False)  # reduce nothing while the schedule runs
         losses = self.run_batches(data_iterators, self.num_microbatches, forward_only=False)
         self._allreduce_tied_embedding_grads()
-        self.engine.set_gradient_accumulation_boundary(True)
-        self.engine.allreduce_gradients()
+        self.ds_engine.set_gradient_accumulation_boundary(True)
+        self.ds_engine.allreduce_gradients()
         return losses
 
-    def optimizer_step(self):
+    def optimizer_step(self, iteration: int):
         grad_norm = self._grad_norm_before_step()
-        self.engine.step()  # the accumulation boundary: ZeRO's reduction epilogue, clipping, the optimizer step
-        grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
-        if self.iteration == 0:
-            footprint = memory_footprint(self.engine)
-            print_rank_0(f"deepspeed: ZeRO stage {self.engine.zero_optimization_stage()}, rank 0 holds "
+        self.ds_engine.step()  # the accumulation boundary: ZeRO's reduction epilogue, clipping, the optimizer step
+        grad_norm = self.ds_engine.get_global_grad_norm() if grad_norm is None else grad_norm
+        if iteration == 0:
+            footprint = memory_footprint(self.ds_engine)
+            print_rank_0(f"deepspeed: ZeRO stage {self.ds_engine.zero_optimization_stage()}, rank 0 holds "
                          f"{footprint['parameter_bytes']} bytes of parameters and {footprint['optimizer_bytes']} bytes "
                          f"of optimizer state ({json.dumps(footprint)})")
         return None if grad_norm is None else float(grad_norm)
@@ -168,10 +192,10 @@ class DeepSpeedTrainer(Trainer):
         entries = []
         for microbatch in range(self.num_microbatches):
             if microbatch:
-                self.engine.step()  # not a boundary yet: counts the micro-batch, no update
-            per_token_loss, reduce_loss = forward_step(data_iterator, self.engine)
+                self.ds_engine.step()  # not a boundary yet: counts the micro-batch, no update
+            per_token_loss, reduce_loss = forward_step(data_iterator, self.ds_engine)
             total, num_tokens, reported = reduce_loss(per_token_loss)
-            self.engine.backward(total / num_tokens.clamp(min=1))  # as megatron-core's schedules normalise
+            self.ds_engine.backward(total / num_tokens.clamp(min=1))  # as megatron-core's schedules normalise
             entries.append(reported["lm loss"])
         return global_losses(entries, self.num_microbatches)
 
@@ -183,29 +207,6 @@ class DeepSpeedTrainer(Trainer):
                  if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
         return get_grad_norm_fp32(grads, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
 
-    # -- checkpoints -------------------------------------------------------------------------------------------
-    def save(self) -> None:
-        """DeepSpeed's checkpoint (model, ZeRO partitions, our training state as client state) plus the full-precision
-        weights in Megatron's layout (what --pretrained-checkpoint reads), committed by our atomic tracker."""
-
-        def write(staging: str) -> None:
-            self.engine.save_checkpoint(os.path.dirname(staging), tag=os.path.basename(staging),
-                                        client_state=self.training_state(), save_latest=False)
-            export_weights(self, staging)
-
-        path = storage.save_with(self.cfg.save, self.iteration, self.run_record(), write)
-        print_rank_0(f"saved DeepSpeed checkpoint and fp32 weights {path}")
-
-    def resume(self, iteration: int) -> None:
-        """The engine (model, optimizer, ZeRO partitions) and our training state from --load."""
-        tag = os.path.basename(layout.iteration_dir(self.cfg.load, iteration))
-        # DeepSpeed's own reader unpickles with weights_only=False: every file it reads goes through ours instead.
-        self.engine.checkpoint_engine.load = lambda path, map_location=None: storage.read(
-            path, deepspeed_safe_globals(), map_location)
-        _, client_state = self.engine.load_checkpoint(self.cfg.load, tag=tag, load_lr_scheduler_states=False)
-        self.restore_training_state(client_state)
-        print_rank_0(f"resumed DeepSpeed checkpoint {self.cfg.load} at iteration {self.iteration}")
-
 
 def deepspeed_safe_globals() -> list:
     """The non-tensor objects DeepSpeed's checkpoints hold (ZeRO's optimizer state), allowed by storage.read."""
@@ -216,14 +217,14 @@ def deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def consolidated_weights(trainer: DeepSpeedTrainer) -> dict:
+def consolidated_weights(chunks: list) -> dict:
     """Megatron checkpoint keys (`model` or `model0`, `model1`, ...) -> full fp32 state dict of this rank's chunks:
     ZeRO's fp32 partitions gathered over the data-parallel group, per tensor- and pipeline-parallel rank (so any
     layout works, unlike zero_to_fp32). Collective over the data-parallel group."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
-    for index, model in enumerate(trainer.chunks):
+    for index, model in enumerate(chunks):
         params = dict(model.named_parameters())
         state = {}
         for name, value in model.state_dict().items():
@@ -233,15 +234,14 @@ def consolidated_weights(trainer: DeepSpeedTrainer) -> dict:
             if torch.is_tensor(value) and value.is_floating_point():
                 value = value.detach().float().cpu().clone()
             state[name] = value
-        out[storage.model_key(index, len(trainer.chunks))] = state
+        out[layout.model_key(index, len(chunks))] = state
     return out
 
 
-def export_weights(trainer: DeepSpeedTrainer, directory: str) -> None:
-    """Write this rank's consolidated fp32 weights as `mp_rank_*/model_optim_rng.pt` under `directory` (weights and
-    config only, the layout reshard.full_state_dict and --pretrained-checkpoint read). Collective."""
-    weights = consolidated_weights(trainer)
-    storage.write_shard(directory, {**weights, "iteration": trainer.iteration, "config": to_dict(trainer.cfg)})
+def export_weights(chunks: list, iteration: int, cfg: TrainingConfig, directory: str) -> None:
+    """Write this rank's consolidated fp32 weights as legacy shards (layout.SHARD_FILE) under `directory` (weights
+    and config only, the layout reshard.full_state_dict and --pretrained-checkpoint read). Collective."""
+    storage.write_shard(directory, {**consolidated_weights(chunks), "iteration": iteration, "config": to_dict(cfg)})
 
 
 def memory_footprint(engine) -> dict:

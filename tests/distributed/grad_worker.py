@@ -9,7 +9,7 @@ import sys
 
 import torch.distributed as dist
 
-from megatron_patch.checkpoint import storage
+from megatron_patch.checkpoint import layout, storage
 from megatron_patch.config.flags import parse_args
 from megatron_patch.config.schema import to_dict
 from megatron_patch.distributed import parallel
@@ -21,11 +21,9 @@ parallel.initialize(cfg.parallel, cfg.seed)
 trainer = Trainer(cfg)
 trainer.load()
 train, _ = trainer.build_datasets()
-for chunk in trainer.chunks:
-    chunk.zero_grad_buffer()
-trainer.run_batches(trainer.data_iterators(train, 0), trainer.num_microbatches, forward_only=False)
+trainer.engine.forward_backward(trainer.data_iterators(train, 0))
 grads = {
-    storage.model_key(i, len(trainer.models)): {name: p.main_grad.detach().clone()
+    layout.model_key(i, len(trainer.models)): {name: p.main_grad.detach().clone()
                                                     for name, p in model.named_parameters()}
     for i, model in enumerate(trainer.models)
 }

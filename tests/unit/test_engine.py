@@ -12,7 +12,7 @@ from helpers import ROOT, phase_flags
 from megatron_patch.config.flags import parse_args
 from megatron_patch.config.plan import phases_to_run
 from megatron_patch.config.schema import ConfigError
-from megatron_patch.training.deepspeed import for_this_device
+from megatron_patch.training.deepspeed_engine import for_this_device
 
 
 def resolved(corpus, tmp_path, extra, world_size=2):

@@ -116,7 +116,7 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
     # Refused before any process group starts: in this process.
     for args, message in [
         (["--load", str(tmp_path / "empty")], "not a checkpoint directory"),
-        (["--load", str(broken)], "missing or incomplete checkpoint"),
+        (["--load", str(broken)], "incomplete checkpoint: no directory iter_0000007 for iteration 7"),
         (["--load", ckpt, "--split-name", "valid", "--text", str(bad_text)], "not both"),
         (["--load", ckpt, "--tensor-model-parallel-size", "3"], "is not divisible by tensor x pipeline parallel size"),
     ]:

@@ -67,6 +67,15 @@ def phase_flags(corpus, out, k, extra=(), steps=4, tied=False):
             "--ckpt-format", "torch", *extra]
 
 
+def plan_flags(corpus, out, fraction, extra=()):
+    """8 steps of 1024 tokens (phase 2: 32 samples of 32 tokens): a two-phase plan at K=4 with `fraction`, or
+    token-only at fraction 0; validated every 4 steps, saved under out/ckpt, logged to out/log.jsonl."""
+    budget = ["--seq-length", "32", "--global-batch-size", "32", "--micro-batch-size", "8", "--train-iters", "8"]
+    plan = ["--patch-fraction", str(fraction)] if fraction else ["--patch-size", "1"]
+    return [*phase_flags(corpus, out, 4, ["--split", "90,10,0", "--eval-interval", "4"]), *budget, *plan,
+            "--save", str(out / "ckpt"), "--log-json", str(out / "log.jsonl"), *extra]
+
+
 def train_losses(corpus, out, k, nproc, extra=(), steps=4):
     """(per-step losses, per-step grad norms, per-micro-batch losses of every step) of a short run of the tiny
     model on `nproc` processes (torchrun when > 1)."""

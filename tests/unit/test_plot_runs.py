@@ -8,19 +8,11 @@ import shutil
 
 import pytest
 
-from helpers import PYTHON, phase_flags, run
+from helpers import PYTHON, plan_flags, run
 from megatron_patch.experiments import runs
 from megatron_patch.training import json_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _plan_flags(corpus, out, fraction, extra=()):
-    """8 steps of 1024 tokens (32 samples of 32 tokens at K=1): a plan at K=4 with `fraction`, or token-only at 0."""
-    budget = ["--seq-length", "32", "--global-batch-size", "32", "--micro-batch-size", "8", "--train-iters", "8"]
-    plan = ["--patch-fraction", str(fraction)] if fraction else ["--patch-size", "1"]
-    return [*phase_flags(corpus, out, 4, ["--split", "90,10,0", "--eval-interval", "4"]), *budget, *plan,
-            "--save", str(out / "ckpt"), "--log-json", str(out / "log.jsonl"), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +21,8 @@ def logged(corpus, tmp_path_factory):
     same 8 x 1024 tokens, and plot_runs' outputs for them."""
     out = tmp_path_factory.mktemp("plot_runs")
     plan, base = out / "plan", out / "base"
-    run([PYTHON, "pretrain_patch_gpt.py", *_plan_flags(corpus, plan, 0.75, ["--tensorboard-dir", str(out / "tb")])])
-    run([PYTHON, "pretrain_patch_gpt.py", *_plan_flags(corpus, base, 0)])
+    run([PYTHON, "pretrain_patch_gpt.py", *plan_flags(corpus, plan, 0.75, ["--tensorboard-dir", str(out / "tb")])])
+    run([PYTHON, "pretrain_patch_gpt.py", *plan_flags(corpus, base, 0)])
     result = run([PYTHON, "tools/plot_runs.py", f"two-phase={plan}", f"baseline={base / 'log.jsonl'}", "--output",
                   str(out / "plot.png"), "--table", str(out / "table.md"), "--json", str(out / "table.json")])
     rows = {row["run"]: row for row in json.loads((out / "table.json").read_text())["runs"]}

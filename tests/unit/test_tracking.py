@@ -8,23 +8,15 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import PYTHON, ROOT, phase_flags, run
+from helpers import PYTHON, ROOT, phase_flags, plan_flags, run
 from megatron_patch.training import json_log
-
-
-def _plan_flags(corpus, out, fraction, extra=()):
-    """A plan of 8 steps of 1024 tokens (phase 2: 32 samples of 32 tokens), K=4, or token-only at fraction 0."""
-    budget = ["--seq-length", "32", "--global-batch-size", "32", "--micro-batch-size", "8", "--train-iters", "8"]
-    plan = ["--patch-fraction", str(fraction)] if fraction else ["--patch-size", "1"]
-    return [*phase_flags(corpus, out, 4, ["--split", "90,10,0", "--eval-interval", "4"]), *budget, *plan,
-            "--save", str(out / "ckpt"), "--log-json", str(out / "log.jsonl"), *extra]
 
 
 @pytest.fixture(scope="module")
 def tracked(corpus, tmp_path_factory):
     """A two-phase plan (lambda 0.75, K=4) with TensorBoard and an offline W&B run."""
     out = tmp_path_factory.mktemp("tracked")
-    run([PYTHON, "pretrain_patch_gpt.py", *_plan_flags(corpus, out, 0.75, [
+    run([PYTHON, "pretrain_patch_gpt.py", *plan_flags(corpus, out, 0.75, [
         "--tensorboard-dir", str(out / "tb"), "--wandb-project", "test", "--wandb-save-dir", str(out),
         "--log-validation-ppl-to-tensorboard", "--log-memory-to-tensorboard", "--log-throughput"])],
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
@@ -62,7 +54,7 @@ def test_compute_axis_continues_and_the_plan_costs_lambda_over_k_plus_one_minus_
     first_phase2_step = json_log.steps(str(tracked / "log.phase2.jsonl"))[1]
     assert first_phase2_step["cumulative_tokens"] == p1["cumulative_tokens"] + 1024
     assert first_phase2_step["cumulative_flops"] > p1["cumulative_flops"]
-    run([PYTHON, "pretrain_patch_gpt.py", *_plan_flags(corpus, tmp_path, 0)])
+    run([PYTHON, "pretrain_patch_gpt.py", *plan_flags(corpus, tmp_path, 0)])
     baseline = json_log.last_summary(str(tmp_path / "log.jsonl"))
     assert baseline["cumulative_tokens"] == p2["cumulative_tokens"] == 8 * 1024
     # lambda = 6/8 at K=4: 0.75/4 + 0.25 = 0.4375 of the token-only FLOPs, exactly (same positions per sample,

@@ -16,12 +16,12 @@ import argparse
 import signal
 import sys
 
-from megatron_patch.data.indexed import DatasetFormatError
-from megatron_patch.data.merge import MergeError, dataset_prefixes, merge
+from megatron_patch.data.merge import dataset_prefixes, merge
+from megatron_patch.errors import OneLineErrorParser, one_line_errors
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="dataset prefixes (PREFIX.bin/.idx), or directories")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.json")
     return parser
@@ -30,11 +30,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean-up runs on the way out
-    try:
+    with one_line_errors("merge_datasets.py", exit_code=1):
         prefixes = dataset_prefixes(args.input)
         writer = merge(prefixes, args.output_prefix)
-    except (MergeError, DatasetFormatError) as e:
-        sys.exit(f"merge_datasets.py: error: {e}")
     print(f"merged {len(prefixes)} datasets: {writer.num_documents} documents, {writer.num_tokens} tokens "
           f"-> {args.output_prefix}")
 

@@ -17,7 +17,7 @@ import sys
 
 from megatron_patch.config.flags import parse_args
 from megatron_patch.config.plan import make_plan
-from megatron_patch.config.schema import ConfigError
+from megatron_patch.errors import one_line_errors
 
 
 def main(argv=None) -> None:
@@ -28,11 +28,8 @@ def main(argv=None) -> None:
     as_json = "--json" in argv
     if as_json:
         argv.remove("--json")
-    try:
+    with one_line_errors("plan"):
         plan = make_plan(parse_args(argv, prog="plan.py"))
-    except ConfigError as e:
-        print(f"plan: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(plan.to_dict(), indent=2) if as_json else plan.describe())
 
 

@@ -21,22 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Dict, List
 
+from megatron_patch.errors import OneLineErrorParser, fail, one_line_errors
 from megatron_patch.experiments.runs import Run, RunError, markdown, phases_label, read_runs, table, to_json
 
 PROG = "plot_runs.py"
 PANELS = ("valid_vs_flops", "valid_vs_tokens", "train_vs_flops", "train_vs_tokens")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input
-        _fail(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="[NAME=]PATH: a log file, a plan's directory or log "
                                                                "prefix, or a TensorBoard directory")
     parser.add_argument("--output", metavar="PNG", help="write the figure here")
@@ -46,11 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attach an evaluate.py --output JSON to the run NAME (repeatable)")
     parser.add_argument("--title", help="the figure's title (default: the runs' names)")
     return parser
-
-
-def _fail(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def plot(runs: List[Run], output: str, title: str = None) -> Dict[str, dict]:
@@ -131,12 +121,10 @@ def _zoom_train_panels(runs: List[Run], axes) -> None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors(PROG):
         runs = read_runs(args.runs, args.eval)
         rows = table(runs)
         drawn = plot(runs, args.output, args.title) if args.output else {}
-    except RunError as e:
-        _fail(str(e))
     text = markdown(rows)
     print(text)
     extra = {name: {"points_plotted": points} for name, points in drawn.items()}
@@ -149,7 +137,7 @@ def main(argv=None) -> None:
                 json.dump(to_json(rows, extra), f, indent=2)
                 f.write("\n")
     except OSError as e:
-        _fail(str(e))
+        fail(PROG, e)
     if args.output:
         print(f"figure: {args.output}")
 

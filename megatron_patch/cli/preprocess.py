@@ -34,7 +34,6 @@ import signal
 import sys
 
 from megatron_patch.config.tokenizer import add_tokenizer_arguments
-from megatron_patch.data.corpus import BadInput
 from megatron_patch.data.preprocess import (
     Job,
     ReportedOnRoot,
@@ -43,10 +42,11 @@ from megatron_patch.data.preprocess import (
     process_group,
     raise_terminated,
 )
+from megatron_patch.errors import OneLineErrorParser, fail, one_line_errors
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input data")
     group.add_argument("--input", nargs="+", required=True,
                        help="files, globs or directories: .jsonl/.json (JSON lines) or .txt, optionally .gz/.zst")
@@ -81,16 +81,13 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, raise_terminated)
     prog = os.path.basename(sys.argv[0])
     try:
-        group = process_group(args.mpi)
-        Job(args, group).run()
-    except BadInput as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        with one_line_errors(prog, exit_code=1):
+            group = process_group(args.mpi)
+            Job(args, group).run()
     except (Stopped, ReportedOnRoot):
         sys.exit(1)
     except OSError as e:  # a full disk, an unwritable output directory: the file and the OS's reason
-        print(f"{prog}: error: {e} (unfinished outputs removed)", file=sys.stderr)
-        sys.exit(1)
+        fail(prog, f"{e} (unfinished outputs removed)", 1)
     except (KeyboardInterrupt, Terminated) as e:
         print(f"{prog}: interrupted ({e or 'SIGINT'}): unfinished outputs removed", file=sys.stderr)
         sys.exit(1)

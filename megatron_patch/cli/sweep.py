@@ -24,10 +24,10 @@ import time
 from typing import Dict, List
 
 from megatron_patch.cli.plot_runs import plot
+from megatron_patch.errors import OneLineErrorParser, fail, one_line_errors
 from megatron_patch.experiments.runs import Run, RunError
 from megatron_patch.experiments.sweep import (
     Grid,
-    GridError,
     Point,
     read_grid,
     read_point,
@@ -42,13 +42,8 @@ from megatron_patch.experiments.sweep import (
 PROG = "sweep.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        _fail(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", help="the grid file (.yaml/.yml or .json)")
     parser.add_argument("--out", help="output directory (default: the grid's 'out')")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands; start nothing")
@@ -57,11 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--collect", action="store_true",
                         help="train nothing: evaluate the trained runs, then write the results")
     return parser
-
-
-def _fail(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _last_line(path: str) -> str:
@@ -222,25 +212,23 @@ def results(grid: Grid) -> Dict[str, str]:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors(PROG):
         grid = read_grid(args.grid, args.out)
-    except GridError as e:
-        _fail(str(e))
-    kinds = [p.kind for p in grid.points]
-    print(f"{args.grid}: {len(grid.points)} runs ({', '.join(f'{kinds.count(k)} {k}' for k in sorted(set(kinds)))}) "
-          f"in {grid.out}", flush=True)
-    try:
-        if args.slurm:
-            sys.exit(1 if submit(grid, args.dry_run) else 0)
-        if args.dry_run:
-            for index, point in enumerate(grid.points, 1):
-                print(f"[{index}/{len(grid.points)}] {point.name}\n  train: {' '.join(point.train_command)}\n"
-                      f"  eval:  {' '.join(point.eval_command)}")
-            return
-        failures = run_points(grid, args.collect)
-        results(grid)
-    except (GridError, RunError, OSError) as e:
-        _fail(str(e))
+        kinds = [p.kind for p in grid.points]
+        print(f"{args.grid}: {len(grid.points)} runs "
+              f"({', '.join(f'{kinds.count(k)} {k}' for k in sorted(set(kinds)))}) in {grid.out}", flush=True)
+        try:
+            if args.slurm:
+                sys.exit(1 if submit(grid, args.dry_run) else 0)
+            if args.dry_run:
+                for index, point in enumerate(grid.points, 1):
+                    print(f"[{index}/{len(grid.points)}] {point.name}\n  train: {' '.join(point.train_command)}\n"
+                          f"  eval:  {' '.join(point.eval_command)}")
+                return
+            failures = run_points(grid, args.collect)
+            results(grid)
+        except OSError as e:
+            fail(PROG, e)
     if failures:
         print(f"{failures} run(s) failed: see their train.out / eval.out", file=sys.stderr)
         sys.exit(1)

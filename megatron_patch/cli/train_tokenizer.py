@@ -16,10 +16,11 @@ import argparse
 import os
 
 from megatron_patch.data.tokenizers.training import train_byte_level_bpe, train_sentencepiece
+from megatron_patch.errors import OneLineErrorParser, one_line_errors
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help=".jsonl (one object per line) or .txt files")
     parser.add_argument("--json-key", default="text")
     parser.add_argument("--type", default="sentencepiece", choices=["sentencepiece", "bpe"],
@@ -39,10 +40,11 @@ def main(argv=None):
     for path in args.input:
         if not os.path.isfile(path):
             parser.error(f"--input: no such file: {path}")
-    if args.type == "bpe":
-        path = train_byte_level_bpe(args.input, args.json_key, args.model_prefix, args.vocab_size)
-        print(f"wrote {path} ({args.vocab_size} tokens)")
-        return
-    train_sentencepiece(args.input, args.json_key, args.model_prefix, args.vocab_size, args.model_type,
-                        args.input_sentence_size, args.threads)
+    with one_line_errors(parser.prog):
+        if args.type == "bpe":
+            path = train_byte_level_bpe(args.input, args.json_key, args.model_prefix, args.vocab_size)
+            print(f"wrote {path} ({args.vocab_size} tokens)")
+            return
+        train_sentencepiece(args.input, args.json_key, args.model_prefix, args.vocab_size, args.model_type,
+                            args.input_sentence_size, args.threads)
     print(f"wrote {args.model_prefix}.model ({args.vocab_size} pieces)")

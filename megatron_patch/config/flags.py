@@ -18,6 +18,7 @@ from megatron_patch.config.schema import (
     TrainingConfig,
 )
 from megatron_patch.config.tokenizer import TOKENIZER_FLAGS
+from megatron_patch.errors import OneLineErrorParser
 
 
 @dataclass
@@ -280,14 +281,8 @@ def _set(obj, path, value):
     setattr(obj, leaf, value)
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def build_parser(prog: str = "pretrain_patch_gpt.py") -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog=prog, description="Patch-level (then token-level) GPT pretraining on megatron-core.",
         epilog="Defaults are the paper's recipe where it has one. See README.md.")
     presets = parser.add_argument_group("model preset")

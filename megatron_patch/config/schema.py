@@ -17,9 +17,10 @@ from typing import List, Optional, Tuple
 
 from megatron_patch.checkpoint import layout
 from megatron_patch.config.tokenizer import TokenizerError, TokenizerSpec
+from megatron_patch.errors import MegatronPatchError
 
 
-class ConfigError(ValueError):
+class ConfigError(MegatronPatchError, ValueError):
     """A user-facing configuration mistake: reported as one line, before any work starts."""
 
 

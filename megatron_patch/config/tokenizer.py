@@ -29,6 +29,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from megatron_patch.errors import MegatronPatchError
+
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 TOKENIZER_TYPES = (*SENTENCEPIECE_TYPES, "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
 HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # read (and fingerprinted) when present
@@ -51,7 +53,7 @@ FIELDS = tuple(field for _, field, _, _ in TOKENIZER_FLAGS)
 TOKENIZER_FILES = ("tokenizer_model", "vocab_file", "merge_file")  # the fields that name files
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MegatronPatchError, ValueError):
     """A tokenizer that cannot be used as given: one line naming the flag."""
 
 

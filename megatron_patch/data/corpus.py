@@ -33,6 +33,7 @@ import zstandard
 
 from megatron_patch.config.tokenizer import TokenizerSpec
 from megatron_patch.data.tokenizers.wrappers import TOKENIZE_ERRORS, Tokenizer, build_tokenizer
+from megatron_patch.errors import MegatronPatchError
 
 READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 FORMAT_SUFFIXES = (".jsonl", ".json", ".txt")
@@ -41,7 +42,7 @@ BATCH_LINES = 256
 BATCH_BYTES = 4 << 20  # a batch also ends here, so very long documents do not pile up in memory
 
 
-class BadInput(Exception):
+class BadInput(MegatronPatchError):
     """A problem with the input, reported as one line."""
 
 

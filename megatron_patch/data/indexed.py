@@ -24,6 +24,8 @@ from typing import Optional
 
 import numpy
 
+from megatron_patch.errors import MegatronPatchError
+
 _HEADER = b"MMIDIDX\x00\x00"
 _VERSION = 1
 # megatron-core's DType codes, as written in the .idx header.
@@ -34,7 +36,7 @@ _CHUNK = 1 << 20  # index entries handled at a time when streaming
 SUFFIXES = (".bin", ".idx", ".meta.json")
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(MegatronPatchError, ValueError):
     pass
 
 

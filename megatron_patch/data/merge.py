@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 
 from megatron_patch.data.indexed import DatasetWriter, read_sidecar
+from megatron_patch.errors import MegatronPatchError
 
 MUST_AGREE = ("dtype", "vocab_size", "tokenizer_sha256", "eod_id", "pad_id", "patch_size", "append_eod", "json_key")
 SUMMED = ("skipped_lines", "unreadable_files", "empty_documents")
 
 
-class MergeError(Exception):
+class MergeError(MegatronPatchError):
     pass
 
 

@@ -25,12 +25,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from megatron_patch.errors import MegatronPatchError
 from megatron_patch.training import json_log
 
 REFERENCE_NAME = "baseline"
 
 
-class RunError(Exception):
+class RunError(MegatronPatchError):
     """Input that names no usable run (missing path, no records, a phase without summary)."""
 
 

@@ -43,6 +43,7 @@ from megatron_patch.checkpoint import layout
 from megatron_patch.config.flags import parse_args
 from megatron_patch.config.plan import PER_PHASE_FLAGS, phases_to_run
 from megatron_patch.config.schema import ConfigError, TrainingConfig
+from megatron_patch.errors import MegatronPatchError
 from megatron_patch.experiments.runs import Run, RunError, read_evaluation, read_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ COLUMNS = ["run", "size", "K", "lambda", "tokens", "seed", "variant", "ppl", "bi
            "trained_tokens", "flops", "wall_seconds", "flops_vs_baseline"]
 
 
-class GridError(ValueError):
+class GridError(MegatronPatchError, ValueError):
     """A grid file that cannot be run; its message is one line naming the file."""
 
 

@@ -96,6 +96,55 @@ def test_no_import_cycles():
         visit(module, [])
 
 
+# Exceptions that never reach a user: control flow inside one module (a skipped line, a stop or interruption the
+# preprocessing job reports itself). Every other exception class is a MegatronPatchError, which each entry point
+# reports as one line (megatron_patch/errors.py).
+INTERNAL_EXCEPTIONS = {"BadLine", "Stopped", "ReportedOnRoot", "Terminated"}
+REPORTED_WITHOUT_ERROR_SUFFIX = {"BadInput", "TrainingDiverged"}
+EXCEPTION_BASES = re.compile(r"(Error|Exception|Interrupt|Exit|Diverged)$")
+
+
+def _base_name(node) -> str:
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+
+def test_every_error_a_command_line_can_report_is_a_megatron_patch_error():
+    import importlib
+
+    from megatron_patch.errors import MegatronPatchError
+
+    problems, checked = [], 0
+    for module, path in _modules():
+        for node in ast.parse(open(path).read()).body:
+            if not isinstance(node, ast.ClassDef) or node.name.startswith("_") or node.name in INTERNAL_EXCEPTIONS:
+                continue
+            if not (node.name.endswith("Error") or node.name in REPORTED_WITHOUT_ERROR_SUFFIX
+                    or any(EXCEPTION_BASES.search(_base_name(base)) for base in node.bases)):
+                continue
+            cls = getattr(importlib.import_module(f"megatron_patch.{module}"), node.name)
+            checked += 1
+            if not (isinstance(cls, type) and issubclass(cls, MegatronPatchError)):
+                problems.append(f"megatron_patch.{module}.{node.name} does not derive from MegatronPatchError")
+    assert checked >= 15 and not problems, "\n".join(problems)
+
+
+def test_one_line_error_parser_and_reporting_live_in_errors_only():
+    """Flags are parsed by errors.OneLineErrorParser and errors are reported by errors.fail / one_line_errors:
+    no module builds a plain ArgumentParser, subclasses it or has a fail helper of its own."""
+    problems = []
+    for module, path in _modules():
+        if module == "errors":
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Call) and _base_name(node.func) == "ArgumentParser":
+                problems.append(f"megatron_patch.{module}:{node.lineno}: argparse.ArgumentParser(...)")
+            elif isinstance(node, ast.ClassDef) and any(_base_name(b) == "ArgumentParser" for b in node.bases):
+                problems.append(f"megatron_patch.{module}:{node.lineno}: class {node.name}(ArgumentParser)")
+            elif isinstance(node, ast.FunctionDef) and node.name.lstrip("_") == "fail":
+                problems.append(f"megatron_patch.{module}:{node.lineno}: def {node.name}")
+    assert not problems, "\n".join(problems)
+
+
 @pytest.mark.parametrize("modules", [
     ["megatron_patch.config.flags", "megatron_patch.config.plan", "megatron_patch.cli.plan",
      "megatron_patch.training.json_log", "megatron_patch.experiments.sweep", "megatron_patch.cli.sweep"],

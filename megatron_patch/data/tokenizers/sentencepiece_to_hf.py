@@ -61,6 +61,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
+from megatron_patch.errors import MegatronPatchError
+
 SPACE = "\u2581"  # SentencePiece's escaped whitespace
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # ModelProto.SentencePiece.Type
 
@@ -74,7 +76,7 @@ FIRST_CODE = 0xE004  # placeholders for characters kept out of NFKC, one per dis
 SEPARATOR = "\uf8ff"  # separates the samples of the self-check (inert in both normalisers)
 
 
-class TokenizerExportError(ValueError):
+class TokenizerExportError(MegatronPatchError, ValueError):
     """The SentencePiece model cannot be expressed exactly as a HuggingFace tokenizer."""
 
 

@@ -8,35 +8,24 @@ the weights are the same for every K) becomes LlamaForCausalLM (RMSNorm, SwiGLU,
 (LayerNorm, GELU, learned positions, biases): config.json, model.safetensors, generation_config.json and the
 tokenizer files. A model neither class computes exactly is refused, naming the feature. OUT is written as
 OUT.tmp-<pid> and renamed when complete; an existing OUT is kept unless --overwrite.
-See megatron_patch/interop/hf/convert.py for the weight mapping.
+See megatron_patch/interop/hf/families.py for the weight mapping.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 import torch
 
-from megatron_patch.checkpoint.storage import CheckpointError
+from megatron_patch.checkpoint import guards
 from megatron_patch.config.tokenizer import TokenizerError, add_tokenizer_arguments, given_or_runs
-from megatron_patch.data.tokenizers.sentencepiece_to_hf import TokenizerExportError
 from megatron_patch.data.tokenizers.wrappers import build_tokenizer
-from megatron_patch.interop.hf import convert
+from megatron_patch.errors import OneLineErrorParser, one_line_errors
+from megatron_patch.interop.hf import convert, families, files
 
 PROG = "export_hf.py"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        fail(self.prog, message)
-
-
-def fail(prog: str, message) -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(args) -> str:
     """Write the HF directory; returns the summary to print. ExportError / TokenizerExportError on bad input."""
-    convert.check_output(args.out, args.overwrite)
-    saved = convert.locate_checkpoint(args.checkpoint, args.iteration)
+    files.check_output(args.out, args.overwrite)
+    saved = guards.locate(args.checkpoint, args.iteration)
     model = saved.model
-    family = convert.hf_family(model)
+    family = families.hf_family(model)
     try:
         tokenizer = build_tokenizer(given_or_runs(args, saved.config["data"]))
     except TokenizerError as e:
@@ -68,10 +57,10 @@ def export(args) -> str:
     vocab_size, special_tokens = tokenizer.vocab_size, tokenizer.hf_special_ids()
     dtype = DTYPES[args.dtype or ("bf16" if saved.config.get("bf16") else "fp32")]
     full = saved.full_weights()
-    rows = full[convert.EMBEDDING].size(0)
+    rows = full[families.EMBEDDING].size(0)
     state, config = convert.megatron_to_hf(full, model, vocab_size, special_tokens)
-    with convert.staged_directory(args.out, args.overwrite) as staging:
-        convert.save_hf(staging, state, config, dtype)
+    with files.staged_directory(args.out, args.overwrite) as staging:
+        files.save_hf(staging, state, config, dtype)
         tokenizer.save_hf(staging)
     parallel = saved.config["parallel"]
     parameters = sum(t.numel() for t in state.values())
@@ -80,7 +69,7 @@ def export(args) -> str:
         f"exported {saved.directory} (TP={parallel['tensor_model_parallel_size']} x "
         f"PP={parallel['pipeline_model_parallel_size']}, trained at K={saved.config.get('patch_size', 1)}) to "
         f"{args.out}",
-        f"  {convert.HF_CLASSES[family]}: {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"  {families.HF_CLASSES[family]}: {model.num_layers} layers, hidden {model.hidden_size}, "
         f"{model.num_attention_heads} heads, vocabulary {vocab_size} (of {rows} padded rows), "
         f"{'untied' if model.untie_embeddings_and_output_weights else 'tied'} embeddings, "
         f"{parameters / 1e6:.2f}M parameters, {str(dtype).removeprefix('torch.')}",
@@ -92,10 +81,8 @@ def export(args) -> str:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors(PROG):
         summary = export(args)
-    except (convert.ExportError, TokenizerExportError, TokenizerError, CheckpointError) as e:
-        fail(PROG, e)
     print(summary)
 
 

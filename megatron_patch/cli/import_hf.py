@@ -21,7 +21,6 @@ import os
 import shlex
 
 from megatron_patch.checkpoint import reshard
-from megatron_patch.cli.export_hf import OneLineErrorParser, fail
 from megatron_patch.config.flags import FLAGS
 from megatron_patch.config.schema import ModelConfig
 from megatron_patch.config.tokenizer import (
@@ -33,7 +32,8 @@ from megatron_patch.config.tokenizer import (
     add_tokenizer_arguments,
 )
 from megatron_patch.data.tokenizers.wrappers import build_tokenizer
-from megatron_patch.interop.hf import convert
+from megatron_patch.errors import OneLineErrorParser, one_line_errors
+from megatron_patch.interop.hf import convert, families, files
 
 PROG = "import_hf.py"
 
@@ -103,23 +103,23 @@ def tokenizer_flags(spec: TokenizerSpec) -> list:
 def import_model(args) -> str:
     """Write the checkpoint; returns what to print. ExportError on bad input."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    convert.check_output(args.out, args.overwrite)
-    config = convert.read_hf_config(args.hf_dir)
-    model = convert.model_of_hf(config)
-    convert.check_layout(model, tp, pp)
+    files.check_output(args.out, args.overwrite)
+    config = files.read_hf_config(args.hf_dir)
+    model = families.model_of_hf(config)
+    files.check_layout(model, tp, pp)
     spec = hf_dir_tokenizer(args)
     vocab_size = build_tokenizer(spec).vocab_size
-    full, model = convert.hf_to_megatron(convert.read_hf_weights(args.hf_dir), config)
-    rows = full[convert.EMBEDDING].size(0)
+    full, model = convert.hf_to_megatron(files.read_hf_weights(args.hf_dir), config)
+    rows = full[families.EMBEDDING].size(0)
     if rows < vocab_size:
         raise convert.ExportError(f"the model's {rows}-row vocabulary is smaller than the {spec.type}'s "
                                     f"{vocab_size} ids: another tokenizer?")
     for name in reshard.VOCAB_ROWS:  # rows past the tokenizer's never occur in its data
         if name in full:
             full[name] = full[name][:vocab_size]
-    cfg = convert.import_config(model, tp, pp, spec)
-    with convert.staged_directory(args.out, args.overwrite) as staging:
-        convert.write_checkpoint(full, cfg, staging, tp, pp)
+    cfg = files.import_config(model, tp, pp, spec)
+    with files.staged_directory(args.out, args.overwrite) as staging:
+        files.write_checkpoint(full, cfg, staging, tp, pp)
     flags = [*model_flags(model), *tokenizer_flags(spec), "--pretrained-checkpoint",
              os.path.abspath(args.out), "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size",
              str(pp)]
@@ -134,10 +134,8 @@ def import_model(args) -> str:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors(PROG):
         summary = import_model(args)
-    except convert.ExportError as e:
-        fail(PROG, e)
     print(summary)
 
 

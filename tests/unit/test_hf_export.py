@@ -19,14 +19,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
 
 from helpers import PP2, PYTHON, ROOT, TINY, TORCH_DIST, TP2, launcher, phase_flags, run, train_run
-from megatron_patch.checkpoint import layout, reshard
+from megatron_patch.checkpoint import guards, layout, reshard
 from megatron_patch.cli import export_hf, import_hf
 from megatron_patch.config.flags import parse_args
 from megatron_patch.config.presets import preset_model
 from megatron_patch.config.schema import ModelConfig, ParallelConfig, padded_vocab_size
 from megatron_patch.config.tokenizer import TokenizerSpec
 from megatron_patch.data.tokenizers.wrappers import SentencePieceTokenizer
-from megatron_patch.interop.hf import convert
+from megatron_patch.interop.hf import convert, families, files
 from megatron_patch.method.model import build_model, transformer_config
 
 TOLERANCE = 1e-5
@@ -97,7 +97,7 @@ def our_logits(model_cfg: ModelConfig, full: dict, ids, vocab_size: int, config=
 
 
 def checkpoint_logits(ckpt: str, ids, vocab_size: int):
-    saved = convert.locate_checkpoint(ckpt)
+    saved = guards.locate(ckpt)
     model = build_model(saved.model, ParallelConfig(), padded_vocab_size(vocab_size, 1), 1)
     full = reshard.full_state_dict(saved.directory, reshard.sharding_of(model))  # the trainer's own sharding map
     return our_logits(saved.model, full, ids, vocab_size)
@@ -196,7 +196,7 @@ def test_features_no_run_trains_map_exactly(megatron_process, corpus, overrides,
     with torch.no_grad():
         assert max_difference(model(ids, None, None)[..., :vocab], hf(ids).logits) <= TOLERANCE
     back, back_cfg = convert.hf_to_megatron(state, hf_config)
-    assert back_cfg == dataclasses.replace(cfg, ffn_hidden_size=convert.ffn_size(cfg), num_query_groups=groups)
+    assert back_cfg == dataclasses.replace(cfg, ffn_hidden_size=families.ffn_size(cfg), num_query_groups=groups)
     assert back.keys() == full.keys()
     for name, tensor in back.items():
         assert torch.equal(tensor, full[name][:vocab] if name in reshard.VOCAB_ROWS else full[name]), name
@@ -214,7 +214,7 @@ def test_inexpressible_models_name_the_feature():
     ]
     for overrides, message in cases:
         with pytest.raises(convert.ExportError, match=re.escape(message)):
-            convert.hf_family(preset_model("tiny", **overrides))
+            families.hf_family(preset_model("tiny", **overrides))
 
 
 # -- checkpoints of real runs -----------------------------------------------------------------------------------------
@@ -245,13 +245,13 @@ def test_exported_tokenizer_encodes_as_ours(corpus, exported):
 @pytest.mark.parametrize("swap", ["q_k", "k_v", "gate_up"])
 def test_parity_check_catches_a_swapped_mapping(megatron_process, corpus, trained, tmp_path, monkeypatch, swap):
     """The logits check above is what guards the mapping: export with q/k, k/v or gate/up swapped and it fails."""
-    split_qkv, split_gate_up = convert.split_qkv, convert.split_gate_up
+    split_qkv, split_gate_up = families.split_qkv, families.split_gate_up  # what the tables' transforms call
     if swap == "q_k":
-        monkeypatch.setattr(convert, "split_qkv", lambda *a: (lambda q, k, v: (k, q, v))(*split_qkv(*a)))
+        monkeypatch.setattr(families, "split_qkv", lambda *a: (lambda q, k, v: (k, q, v))(*split_qkv(*a)))
     elif swap == "k_v":
-        monkeypatch.setattr(convert, "split_qkv", lambda *a: (lambda q, k, v: (q, v, k))(*split_qkv(*a)))
+        monkeypatch.setattr(families, "split_qkv", lambda *a: (lambda q, k, v: (q, v, k))(*split_qkv(*a)))
     else:
-        monkeypatch.setattr(convert, "split_gate_up", lambda w: split_gate_up(w)[::-1])
+        monkeypatch.setattr(families, "split_gate_up", lambda w: split_gate_up(w)[::-1])
     export_hf.main([trained("llama_k4_tp2"), str(tmp_path / "hf")])
     vocab = SentencePieceTokenizer(corpus["tokenizer"]).vocab_size
     ids = token_ids(corpus, vocab)
@@ -267,7 +267,7 @@ def test_import_then_export_gives_the_same_tensors(corpus, exported, tmp_path, c
                                           "--pipeline-model-parallel-size", pp, "--tokenizer-model",
                                           corpus["tokenizer"]], capsys)
     assert code == 0, err
-    saved = convert.locate_checkpoint(str(tmp_path / "ckpt"))
+    saved = guards.locate(str(tmp_path / "ckpt"))
     assert saved.iteration == 0 and len(glob.glob(f"{saved.directory}/mp_rank_*/model_optim_rng.pt")) == tp * pp
     vocab = SentencePieceTokenizer(corpus["tokenizer"]).vocab_size
     state, _ = convert.megatron_to_hf(saved.full_weights(), saved.model, vocab)
@@ -281,14 +281,14 @@ def test_import_then_export_gives_the_same_tensors(corpus, exported, tmp_path, c
 def test_import_in_the_trained_layout_writes_the_trained_shards(corpus, trained, exported, tmp_path, capsys, name):
     """Each rank's shard holds exactly the names and values of the trainer's own (up to the vocabulary padding,
     which the export cut): write_checkpoint shards as megatron-core does."""
-    saved = convert.locate_checkpoint(trained(name))
+    saved = guards.locate(trained(name))
     tp, pp = (saved.config["parallel"][f"{x}_model_parallel_size"] for x in ("tensor", "pipeline"))
     code, _, err = cli(import_hf.main, [exported(name), tmp_path / "ckpt", "--tensor-model-parallel-size", tp,
                                         "--pipeline-model-parallel-size", pp, "--tokenizer-model",
                                         corpus["tokenizer"]], capsys)
     assert code == 0, err
     vocab = SentencePieceTokenizer(corpus["tokenizer"]).vocab_size
-    imported = convert.locate_checkpoint(str(tmp_path / "ckpt"))
+    imported = guards.locate(str(tmp_path / "ckpt"))
     shards = sorted(shard for shard in os.listdir(saved.directory) if shard.startswith("mp_rank_"))
     assert len(shards) == tp * pp
     for shard in shards:
@@ -315,7 +315,7 @@ def test_training_continues_from_an_imported_model(corpus, exported, tmp_path, c
     assert code == 0, err
     flags = shlex.split(out.strip().splitlines()[-1])
     assert flags[flags.index("--pretrained-checkpoint") + 1] == str(tmp_path / "ckpt")
-    model = convert.locate_checkpoint(str(tmp_path / "ckpt")).model
+    model = guards.locate(str(tmp_path / "ckpt")).model
     # The printed flags give exactly the imported model (a rope model has no position table to size).
     assert parse_args([*TINY, *flags]).model == dataclasses.replace(model, max_position_embeddings=None)
     (losses, _, _), stdout = train_run(corpus, tmp_path, 1, [*flags, "--lr", "1e-3", "--lr-warmup-iters", "0"],
@@ -361,7 +361,7 @@ def test_export_refuses_bad_input_with_one_line(megatron_process, corpus, traine
     cfg = preset_model("tiny", max_position_embeddings=32, swiglu=False)
     full = _randomised(build_model(cfg, ParallelConfig(), 1024, 1))
     tokenizer = TokenizerSpec(tokenizer_model=corpus["tokenizer"])
-    convert.write_checkpoint(full, convert.import_config(cfg, 1, 1, tokenizer), str(tmp_path / "rms_gelu"), 1, 1)
+    files.write_checkpoint(full, files.import_config(cfg, 1, 1, tokenizer), str(tmp_path / "rms_gelu"), 1, 1)
     code, _, err = cli(export_hf.main, [tmp_path / "rms_gelu", out], capsys)
     _assert_refused(code, err, out, "no HuggingFace model class computes this model (RMSNorm, GELU MLP")
     assert not out.exists()

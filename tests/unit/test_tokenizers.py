@@ -15,11 +15,11 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, Indexe
 from megatron.core.tokenizers import MegatronTokenizer
 
 from helpers import PYTHON, ROOT, phase_flags, run
+from megatron_patch.checkpoint import guards
 from megatron_patch.cli import import_hf
 from megatron_patch.config.tokenizer import TokenizerSpec
 from megatron_patch.data.indexed import read_sidecar
 from megatron_patch.data.tokenizers.wrappers import build_tokenizer
-from megatron_patch.interop.hf import convert
 
 PREPROCESS = "tools/preprocess_data.py"
 EOT = "<|endoftext|>"
@@ -203,11 +203,11 @@ def test_trains_from_hf_dataset_and_refuses_resume_with_another_tokenizer(corpus
     import_hf.main([str(tmp_path / "hf"), str(tmp_path / "imported")])
     printed = capsys.readouterr().out
     assert f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {tmp_path / 'hf'}" in printed
-    imported = convert.locate_checkpoint(str(tmp_path / "imported"))
+    imported = guards.locate(str(tmp_path / "imported"))
     assert imported.config["data"]["tokenizer_type"] == "HuggingFaceTokenizer"
     hf_tokenizer = TokenizerSpec("HuggingFaceTokenizer", str(tmp_path / "hf"))
     assert imported.run["tokenizer_sha256"] == hf_tokenizer.fingerprint()
-    trained = convert.locate_checkpoint(str(tmp_path / "ckpt")).full_weights()
+    trained = guards.locate(str(tmp_path / "ckpt")).full_weights()
     for name, tensor in imported.full_weights().items():
         assert torch.equal(tensor[:ours.vocab_size], trained[name][:ours.vocab_size]), name
     other = [*data[:2], "--tokenizer-model", corpus["tokenizer"]]  # the SentencePiece model: the same 1000 ids

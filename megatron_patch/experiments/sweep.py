@@ -46,7 +46,7 @@ from megatron_patch.config.schema import ConfigError, TrainingConfig
 from megatron_patch.errors import MegatronPatchError
 from megatron_patch.experiments.runs import Run, RunError, read_evaluation, read_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 KEYS = ("out", "nproc_per_node", "common", "sizes", "K", "lambda", "tokens", "seeds", "variants", "eval", "slurm")
 # Flags each run gets from its grid point and directory: the grid must not set them.
 PER_RUN_FLAGS = ("--patch-size", "--patch-fraction", "--train-tokens", "--train-iters", "--seed", "--save", "--load",

@@ -22,6 +22,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
+from megatron_patch.compat.megatron_core import sample_tokens
 from megatron_patch.config.schema import TrainingConfig, parse_blend
 from megatron_patch.data.indexed import DatasetFormatError, check_dataset, read_sidecar
 from megatron_patch.errors import MegatronPatchError
@@ -122,7 +123,7 @@ class PatchGPTDataset(GPTDataset):
         return super()._get_num_epochs(num_tokens_per_epoch)
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
-        patches, _ = self._query_document_sample_shuffle_indices(idx)  # [T+1, K]
+        patches = sample_tokens(self, idx)  # [T+1, K]
         patches = torch.from_numpy(patches).long()
         tokens = patches[:-1].reshape(-1)
         labels = patches[1:].reshape(-1)

@@ -15,9 +15,9 @@ from helpers import PYTHON, ROOT, ensure_programs, run
 # because plans and run checks read checkpoint directories on login nodes.
 LAYERS = [
     ("errors", ["errors"]),
+    ("compat", ["compat.*"]),
     ("config", ["config.*", "checkpoint.layout"]),
     ("data", ["data.*"]),
-    ("compat", ["compat.*"]),
     ("method", ["method.*"]),
     ("distributed", ["distributed.*"]),
     ("checkpoint", ["checkpoint.*"]),

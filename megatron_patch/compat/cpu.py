@@ -16,14 +16,23 @@ import torch
 
 _SHIMS: dict = {}
 _applied: list[str] = []
+# The megatron-core release (major, minor) from which a shim is needed, where it is not needed by all the
+# supported ones (tests/unit/test_compat_cpu.py shows each is needed from there on). Applied on any release: on an
+# older one it replaces a function megatron-core does not call.
+NEEDED_FROM: dict = {}
 
 # Set to a comma-separated list of shim names to leave them out (used by the tests that show each is needed).
 SKIP_ENV = "MEGATRON_PATCH_SKIP_CPU_SHIMS"
 
 
-def _shim(fn):
-    _SHIMS[fn.__name__] = fn
-    return fn
+def _shim(fn=None, *, needed_from: tuple[int, int] | None = None):
+    def register(fn):
+        _SHIMS[fn.__name__] = fn
+        if needed_from:
+            NEEDED_FROM[fn.__name__] = needed_from
+        return fn
+
+    return register(fn) if fn else register
 
 
 def _is_cuda(device) -> bool:
@@ -67,6 +76,24 @@ def tensor_cuda_stays_on_cpu():
     """Tied embeddings with pipeline parallelism move the last stage's copy with `weight.data.cuda()` before
     all-reducing it with the first stage's."""
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+class _CPUStream:
+    """The one stream of the CPU: every operation has finished before the next starts, so there is nothing to
+    wait for."""
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+
+@_shim(needed_from=(0, 19))
+def current_stream_is_the_cpu_stream():
+    """From 0.19 the gradient buffers' start_grad_sync asks `torch.cuda.current_stream()` to wait for CUDA-graph
+    events before every gradient reduction."""
+    torch.cuda.current_stream = lambda device=None: _CPUStream()
 
 
 @contextlib.contextmanager

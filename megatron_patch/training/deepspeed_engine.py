@@ -30,7 +30,7 @@ import os
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer import _get_param_groups
+from megatron.core.optimizer import _get_param_groups, get_standard_config_overrides
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
@@ -133,7 +133,10 @@ class DeepSpeedEngine(Engine):
     def __init__(self, cfg: TrainingConfig, config, models: list):
         super().__init__(cfg)
         # megatron's parameter groups: no weight decay on biases and norms (wd_mult 0, read by the LR schedule).
-        groups = _get_param_groups(models, megatron_optimizer_config(cfg, config.params_dtype), None)
+        # megatron-core's groups as its own optimizer gets them: no weight decay on biases and norms. Passed
+        # explicitly: from 0.19 `None` means no overrides at all (weight decay on every parameter).
+        optimizer_config = megatron_optimizer_config(cfg, config.params_dtype)
+        groups = _get_param_groups(models, optimizer_config, get_standard_config_overrides(optimizer_config))
         for param in (p for m in models for p in m.parameters()):
             # megatron marks the last stage's copy of a tied embedding `shared`; DeepSpeed's gradient norm skips
             # parameters it is told another pipeline stage also holds.

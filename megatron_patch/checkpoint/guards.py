@@ -19,7 +19,7 @@ from megatron_patch.config.tokenizer import SENTENCEPIECE_TYPES, TokenizerSpec
 # What must not change under a resumed run (--load) / a phase hand-off (--pretrained-checkpoint).
 MODEL_SHAPE = ["num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "normalization", "swiglu",
                "position_embedding_type", "rotary_base", "add_bias_linear", "untie_embeddings_and_output_weights",
-               "group_query_attention", "num_query_groups",
+               "group_query_attention", "num_query_groups", "model_class", "hybrid_layer_pattern",
                "transformer_impl"]  # Transformer Engine's layers name the (fused) norm weights differently
 SAMPLING = ["patch_size", "seq_length", "global_batch_size", "seed", "data.split", "data.train_data_range"]
 # A torch_dist checkpoint's RNG streams belong to this layout (one object per pipeline x tensor rank).

@@ -13,6 +13,7 @@ from megatron_patch.config.presets import MODEL_PRESETS
 from megatron_patch.config.schema import (
     ATTENTION_BACKENDS,
     CKPT_FORMATS,
+    MODEL_CLASSES,
     RECOMPUTE_MODULES,
     TRANSFORMER_IMPLS,
     TrainingConfig,
@@ -73,6 +74,14 @@ GROUPS = {
         Flag("--num-query-groups", "model.num_query_groups",
              "with --group-query-attention: key/value groups (default 1); must divide --num-attention-heads and be "
              "divisible by --tensor-model-parallel-size", dict(type=int)),
+        Flag("--model-class", "model.model_class",
+             "megatron-core's GPTModel, or HybridModel (MambaModel before megatron-core 0.18) with layers from "
+             "--hybrid-layer-pattern (a pattern selects hybrid)",
+             dict(choices=list(MODEL_CLASSES))),
+        Flag("--hybrid-layer-pattern", "model.hybrid_layer_pattern",
+             "the hybrid model's layers, one symbol each: '*' attention, '-' MLP (local layers); 'M' Mamba, 'E' MoE "
+             "(Transformer Engine, mamba-ssm; GPU only). Sets --num-layers. \"*-*-\" = a 2-layer GPT's layers",
+             dict()),
     ],
     "patch-level training": [
         Flag("--patch-size", "patch_size",

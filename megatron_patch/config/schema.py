@@ -30,6 +30,8 @@ ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")  # Megatron-
 SDPA_BACKENDS = ("auto", "flash", "fused")  # with the local layers: torch's scaled_dot_product_attention
 CKPT_FORMATS = ("torch_dist", "torch")  # Megatron-LM's --ckpt-format values we write and read
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # what megatron-core recomputes selectively in a dense GPT
+MODEL_CLASSES = ("gpt", "hybrid")  # megatron-core's GPTModel, or its HybridModel (MambaModel before 0.18)
+LOCAL_HYBRID_LAYERS = {"*": "attention", "-": "MLP"}  # what the local (torch) layers build of a hybrid pattern
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
@@ -74,6 +76,10 @@ class ModelConfig:
     recompute_method: Optional[str] = None  # full: "uniform" | "block"
     recompute_num_layers: Optional[int] = None  # full: layers per recompute unit (uniform) / recomputed (block)
     recompute_modules: Optional[List[str]] = None  # selective: default ["core_attn"] (megatron-core's)
+    # "hybrid": megatron-core's HybridModel, its layers from hybrid_layer_pattern ("*" attention, "-" MLP, "M"
+    # Mamba, ...; one symbol per layer, so the pattern sets num_layers). A pattern selects it.
+    model_class: str = "gpt"
+    hybrid_layer_pattern: Optional[str] = None
 
     @property
     def query_groups(self) -> int:
@@ -218,6 +224,7 @@ class TrainingConfig:
     def resolve(self, world_size: int) -> "TrainingConfig":
         """Derive defaults that depend on the launch and check everything; raises ConfigError."""
         self._check_patching()
+        self._check_model_class()
         data_parallel = self._check_layout(world_size)
         self._check_attention()
         self._check_optimizer_sharding()
@@ -239,6 +246,37 @@ class TrainingConfig:
             raise ConfigError(
                 f"--seq-length {self.seq_length} must be a positive multiple of --patch-size {self.patch_size}"
             )
+
+    def _check_model_class(self) -> None:
+        """The hybrid model's layer pattern: it sets --num-layers (as in Megatron-LM); the local layers build
+        attention and MLP layers only (megatron-core's Mamba and MoE hybrid layers are Transformer Engine ones)."""
+        m, p = self.model, self.parallel
+        if m.model_class not in MODEL_CLASSES:
+            raise ConfigError(f"--model-class {m.model_class}: choose from {', '.join(MODEL_CLASSES)}")
+        if m.hybrid_layer_pattern:
+            m.model_class = "hybrid"
+        if m.model_class == "gpt":
+            return
+        pattern = m.hybrid_layer_pattern
+        if not pattern:
+            raise ConfigError('--model-class hybrid needs --hybrid-layer-pattern (e.g. "*-*-": attention, MLP, ...)')
+        if "|" in pattern or "/" in pattern:
+            raise ConfigError(f"--hybrid-layer-pattern {pattern}: pipeline stage boundaries ('|') and multi-token "
+                              f"prediction ('/') are not supported here")
+        if m.transformer_impl == "local" and set(pattern) - set(LOCAL_HYBRID_LAYERS):
+            other = "".join(sorted(set(pattern) - set(LOCAL_HYBRID_LAYERS)))
+            raise ConfigError(
+                f"--hybrid-layer-pattern {pattern}: layers '{other}' (Mamba 'M', MoE 'E', ...) are built from "
+                f"Transformer Engine layers and, for Mamba, the mamba-ssm CUDA kernels: use --transformer-impl "
+                f"transformer_engine on a GPU with mamba-ssm installed; the local layers build "
+                + " and ".join(f"'{symbol}' ({name})" for symbol, name in LOCAL_HYBRID_LAYERS.items()))
+        if "M" in pattern and importlib.util.find_spec("mamba_ssm") is None:
+            raise ConfigError(f"--hybrid-layer-pattern {pattern}: Mamba layers ('M') need the mamba-ssm package "
+                              f"(CUDA only: pip install mamba-ssm causal-conv1d), which is not installed")
+        if p.pipeline_model_parallel_size > 1:
+            raise ConfigError("--model-class hybrid: pipeline parallelism is not supported with the hybrid model "
+                              "here (tensor and data parallelism are)")
+        m.num_layers = len(pattern)
 
     def _check_layout(self, world_size: int) -> int:
         """Heads, layers and world size against the parallel layout; returns the data-parallel size."""

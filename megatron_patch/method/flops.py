@@ -9,7 +9,9 @@ as T positions (T patches; K=1: T tokens). Per layer and position, with hidden h
   MLP         2*h*f per matrix: 3 matrices with SwiGLU (gate, up, down), else 2
 
 and once per position the output layer 2*h*V (V: the padded vocabulary), whose ONE softmax serves all K targets of
-a patch. The embedding lookup and the mean of K embeddings are not matrix multiplies and are left out. So a phase
+a patch. The embedding lookup and the mean of K embeddings are not matrix multiplies and are left out. A hybrid
+model (--hybrid-layer-pattern) counts its attention layers ("*") and MLP layers ("-") as above; its other layers
+(Mamba, MoE, ...) are not counted, so its MFU is understated. So a phase
 at patch size K costs 1/K of token-level training per token read at the same positions per sample, and a
 two-phase plan costs lambda/K + 1 - lambda of a token-only run on the same tokens.
 """
@@ -43,7 +45,11 @@ def forward_flops_per_position(model: ModelConfig, num_positions: int, vocab_siz
     h, f = model.hidden_size, model.ffn_hidden_size or 4 * model.hidden_size
     attention = 2 * 3 * h * h + 2 * 2 * num_positions * h + 2 * h * h
     mlp = 2 * h * f * (3 if model.swiglu else 2)
-    return model.num_layers * (attention + mlp) + 2 * h * vocab_size
+    if model.hybrid_layer_pattern:
+        layers = model.hybrid_layer_pattern.count("*") * attention + model.hybrid_layer_pattern.count("-") * mlp
+    else:
+        layers = model.num_layers * (attention + mlp)
+    return layers + 2 * h * vocab_size
 
 
 def training_flops_per_sample(model: ModelConfig, seq_length: int, patch_size: int, vocab_size: int) -> int:

@@ -1,4 +1,5 @@
-"""PatchGPTModel: megatron-core's GPTModel reading patches and predicting the next patch.
+"""PatchGPTModel: megatron-core's GPTModel reading patches and predicting the next patch (and PatchHybridModel:
+the same on megatron-core's HybridModel, `--model-class hybrid`).
 
 Only two things differ from GPTModel, both from `patching.py`: the decoder input is the mean of each K token
 embeddings, and the loss is the K-target cross-entropy. The parameters are exactly GPTModel's for every K,
@@ -15,18 +16,25 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_patch.compat.cpu import pipeline_p2p_settings
+from megatron_patch.compat.megatron_core import hybrid_api
 from megatron_patch.config.schema import ModelConfig, ParallelConfig
 from megatron_patch.method.attention import SDPAttention
 from megatron_patch.method.patching import patch_cross_entropy, patch_position_ids, patchify
 
 
-class PatchGPTModel(GPTModel):
+class PatchLanguageModel:
+    """The two hooks, for any megatron-core language model that takes `decoder_input` in forward() and computes
+    its loss in compute_language_model_loss(): GPTModel and HybridModel."""
+
     def __init__(self, *args, patch_size: int = 1, tokenizer_vocab_size: int | None = None, **kwargs):
         # Patches are averaged over the full sequence, so the embedding must not scatter it for sequence
         # parallelism; forward() scatters the patch embeddings instead.
@@ -58,6 +66,28 @@ class PatchGPTModel(GPTModel):
         )
 
 
+class PatchGPTModel(PatchLanguageModel, GPTModel):
+    pass
+
+
+HYBRID = hybrid_api()
+
+
+class PatchHybridModel(PatchLanguageModel, HYBRID.model):
+    pass
+
+
+class TorchNormHybridStack(HYBRID.stack):
+    """megatron-core's hybrid stack with its final norm from torch (TorchNorm): megatron-core builds it from
+    Transformer Engine whatever the layers are."""
+
+    def __init__(self, config: TransformerConfig, *args, post_layer_norm: bool = True, **kwargs):
+        super().__init__(config, *args, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and post_layer_norm:
+            self.final_norm = TorchNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+
+
 class TorchNorm:
     """torch LayerNorm / RMSNorm for megatron-core layer specs, also under sequence parallelism (megatron-core's
     own torch fallback refuses it): each tensor-parallel rank then normalises its part of the sequence, and the
@@ -82,14 +112,42 @@ def layer_specs(model: ModelConfig, config: TransformerConfig, vp_stage: int | N
 
         spec, norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
     else:
-        spec = get_gpt_layer_local_spec(normalization=model.normalization)
-        if model.uses_sdpa:
-            spec.submodules.self_attention.submodules.core_attention = SDPAttention
-        norm = spec.submodules.input_layernorm
-        if norm is WrappedTorchNorm:
-            norm = TorchNorm
-            spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
+        spec, norm = local_layer_spec(model)
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage), layer_norm=norm)
+
+
+def local_layer_spec(model: ModelConfig) -> tuple[ModuleSpec, type]:
+    """megatron-core's local GPT layer, SDPAttention as its core attention, TorchNorm unless apex provides fused
+    norms; and the norm class."""
+    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    if model.uses_sdpa:
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    norm = spec.submodules.input_layernorm
+    if norm is WrappedTorchNorm:
+        norm = TorchNorm
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
+    return spec, norm
+
+
+def hybrid_stack_spec(model: ModelConfig) -> ModuleSpec:
+    """The hybrid model's layers. Local: the halves of the local GPT layer, an attention layer ("*": norm,
+    attention, residual) and an MLP layer ("-": norm, MLP, residual), so "*-" * n has the weights of an n-layer
+    GPT. Transformer Engine: megatron-core's own hybrid spec (Mamba, MoE, ... layers too)."""
+    if model.transformer_impl == "transformer_engine":
+        # Optional GPU packages (config/schema.py refuses this implementation without them).
+        try:
+            from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as spec
+        except ImportError:
+            from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec as spec
+        return spec
+    gpt, norm = local_layer_spec(model)
+    layers = gpt.submodules
+    attention = TransformerLayerSubmodules(input_layernorm=norm, self_attention=layers.self_attention,
+                                           self_attn_bda=layers.self_attn_bda)
+    mlp = TransformerLayerSubmodules(pre_mlp_layernorm=norm, mlp=layers.mlp, mlp_bda=layers.mlp_bda)
+    return ModuleSpec(module=TorchNormHybridStack, submodules=HYBRID.submodules(
+        attention_layer=ModuleSpec(module=TransformerLayer, submodules=attention),
+        mlp_layer=ModuleSpec(module=MLPLayer, submodules=mlp)))
 
 
 def causal_attention_mask(num_positions: int, device) -> torch.Tensor:
@@ -144,21 +202,26 @@ def build_model(
     vp_stage: int | None = None,
     config: TransformerConfig | None = None,
     tokenizer_vocab_size: int | None = None,
-) -> PatchGPTModel:
+) -> PatchLanguageModel:
     """The model chunk this rank holds (the whole model without pipeline parallelism; chunk `vp_stage` of this
     pipeline stage with interleaving). Chunks of one rank must share one `config`: megatron-core's schedules
     read their settings (no_sync_func, finalize_model_grads_func) from the first chunk's. `vocab_size`: the
     embedding's rows (padded for TP); `tokenizer_vocab_size`: the real ones, over which the loss normalises (the
     probabilities an exported HF model, which has no padding rows, gives)."""
     config = config or transformer_config(model, parallel, bf16)
-    return PatchGPTModel(
+    if model.model_class == "hybrid":
+        model_class, layers = PatchHybridModel, {HYBRID.spec_arg: hybrid_stack_spec(model),
+                                                 HYBRID.pattern_arg: model.hybrid_layer_pattern}
+    else:
+        model_class, layers = PatchGPTModel, {"transformer_layer_spec": layer_specs(model, config, vp_stage),
+                                              "vp_stage": vp_stage}
+    return model_class(
         config=config,
-        transformer_layer_spec=layer_specs(model, config, vp_stage),
+        **layers,
         vocab_size=vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        vp_stage=vp_stage,
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         position_embedding_type=model.position_embedding_type,
         rotary_base=model.rotary_base,

@@ -23,6 +23,12 @@ def test_one_layer_by_hand():
     # Without SwiGLU the MLP has two matrices.
     plain = ModelConfig(num_layers=1, hidden_size=4, num_attention_heads=2, ffn_hidden_size=8)
     assert training_flops_per_sample(plain, T, 1, V) == 3 * (forward - gate)
+    # A hybrid model's attention and MLP layers: "*-" is that one layer; "*" alone is it without the MLP.
+    hybrid = ModelConfig(num_layers=2, hidden_size=4, num_attention_heads=2, ffn_hidden_size=8, swiglu=True,
+                         model_class="hybrid", hybrid_layer_pattern="*-")
+    assert training_flops_per_sample(hybrid, T, 1, V) == 3 * forward
+    hybrid.hybrid_layer_pattern = "*"
+    assert training_flops_per_sample(hybrid, T, 1, V) == 3 * (forward - gate - up - down)
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])

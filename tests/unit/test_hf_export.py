@@ -211,6 +211,7 @@ def test_inexpressible_models_name_the_feature():
          "GPT2LMHeadModel needs biases (no --disable-bias-linear)"),
         ({"normalization": "LayerNorm", "swiglu": False, "add_bias_linear": True},
          "GPT2LMHeadModel needs --position-embedding-type learned_absolute"),  # rope + LayerNorm + GELU
+        ({"model_class": "hybrid", "hybrid_layer_pattern": "*-*-"}, "a hybrid model (--hybrid-layer-pattern *-*-)"),
     ]
     for overrides, message in cases:
         with pytest.raises(convert.ExportError, match=re.escape(message)):

@@ -65,6 +65,9 @@ def ffn_size(model: ModelConfig) -> int:
 
 def hf_family(model: ModelConfig) -> str:
     """LLAMA or GPT2: the HF model class that computes exactly this model; ExportError naming what neither can."""
+    if model.model_class == "hybrid":
+        raise ExportError(f"a hybrid model (--hybrid-layer-pattern {model.hybrid_layer_pattern}) has no HuggingFace "
+                          f"export here: LlamaForCausalLM and GPT2LMHeadModel are GPT layers (--model-class gpt)")
     rms, rope = model.normalization == "RMSNorm", model.position_embedding_type == "rope"
     if rms and model.swiglu and rope:
         return LLAMA

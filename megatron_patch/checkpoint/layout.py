@@ -3,7 +3,8 @@ Megatron-LM's layout:
 
   {root}/latest_checkpointed_iteration.txt         the tracker: the last COMPLETE iteration
   {root}/iter_0000100/run.json                     the config and what the run trained on (resume guards)
-  {root}/iter_0000100/metadata.json, *.distcp, common.pt     torch_dist (megatron-core dist_checkpointing)
+  {root}/iter_0000100/metadata.json, *.distcp, common.pt     torch_dist (megatron-core dist_checkpointing;
+                                                              0.19 keeps common.pt's state in the .distcp)
   {root}/iter_0000100/mp_rank_00/model_optim_rng.pt          legacy torch format, one file per model-parallel
   {root}/iter_0000100/mp_rank_00_000/distrib_optim.pt        rank (mp_rank_TT_PPP with pipeline parallelism)
   {root}/iter_0000100.tmp/                         a checkpoint being written (renamed when every rank is done)

@@ -10,6 +10,7 @@ import torch
 
 from helpers import PYTHON, ROOT, TORCH_DIST, free_port, phase_flags, run
 from megatron_patch.checkpoint import layout, reshard
+from megatron_patch.compat.megatron_core import installed_version
 from megatron_patch.config.flags import parse_args
 from megatron_patch.training import json_log
 from megatron_patch.training.trainer import Trainer
@@ -47,7 +48,10 @@ def test_loss_goes_down_in_both_phases(two_phase):
     for phase in ("phase1", "phase2"):
         steps, summary = read_log(two_phase["out"] / f"{phase}.jsonl")
         assert len(steps) == 40
-        assert summary["final_train_loss"] < summary["first_train_loss"] - 0.1, (phase, summary)
+        # Averages of 5 steps: one step's loss moves by ~0.05 with its batch (the corpus is the running Python's
+        # own documentation, so it differs between the 3.11 and 3.12 legs).
+        losses = [step["loss"] for step in steps]
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, (phase, losses)
     p1 = read_log(two_phase["out"] / "phase1.jsonl")[1]
     p2 = read_log(two_phase["out"] / "phase2.jsonl")[1]
     # Phase 2 starts from what phase 1 learned, far below a fresh model's log(vocab) = log(1024) = 6.93.
@@ -78,7 +82,9 @@ def test_checkpoint_directory_has_megatron_layout_and_tracker(two_phase):
     root = two_phase["out"] / "phase1"
     assert layout.latest_iteration(str(root)) == 40
     # torch_dist (the default): megatron-core's common state, metadata and every rank's .distcp shards
-    assert {"common.pt", "metadata.json", "run.json"} <= {p.name for p in (root / "iter_0000040").iterdir()}
+    # megatron-core 0.19 keeps the common state inside the .distcp shards; earlier releases write common.pt.
+    common = {"common.pt"} if installed_version() < (0, 19) else set()
+    assert {*common, "metadata.json", "run.json"} <= {p.name for p in (root / "iter_0000040").iterdir()}
     assert list((root / "iter_0000040").glob("*.distcp"))
     assert not list(root.glob("*.tmp*"))
 

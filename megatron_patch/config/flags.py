@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from dataclasses import dataclass, field
 
@@ -290,9 +291,11 @@ def _set(obj, path, value):
     setattr(obj, leaf, value)
 
 
-def build_parser(prog: str = "pretrain_patch_gpt.py") -> argparse.ArgumentParser:
+def build_parser(prog: str = "pretrain_patch_gpt") -> argparse.ArgumentParser:
+    # No abbreviations (Megatron-LM's rule too): a Megatron-LM flag this parser lacks must not be taken silently
+    # for a longer flag of ours that it happens to start.
     parser = OneLineErrorParser(
-        prog=prog, description="Patch-level (then token-level) GPT pretraining on megatron-core.",
+        prog=prog, allow_abbrev=False, description="Patch-level (then token-level) GPT pretraining on megatron-core.",
         epilog="Defaults are the paper's recipe where it has one. See README.md.")
     presets = parser.add_argument_group("model preset")
     presets.add_argument("--model-preset", choices=sorted(MODEL_PRESETS),
@@ -319,7 +322,19 @@ def build_parser(prog: str = "pretrain_patch_gpt.py") -> argparse.ArgumentParser
     return parser
 
 
-def parse_args(argv=None, prog: str = "pretrain_patch_gpt.py") -> TrainingConfig:
+def unknown_flags_message(unknown: list[str]) -> str:
+    """Every unknown flag of a command line in one message, each with the closest flag of ours if one is close."""
+    ours = ["--model-preset", *(flag.name for flag in FLAGS)]
+    described = []
+    for flag in (token.split("=", 1)[0] for token in unknown if token.startswith("-")):
+        close = difflib.get_close_matches(flag, ours, n=1, cutoff=0.8)
+        described.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    if not described:
+        return f"unexpected arguments: {' '.join(unknown)}"
+    return f"{len(described)} unknown flag{'s' if len(described) > 1 else ''}: {', '.join(described)} (see --help)"
+
+
+def parse_args(argv=None, prog: str = "pretrain_patch_gpt") -> TrainingConfig:
     parser = build_parser(prog)
     argv = sys.argv[1:] if argv is None else list(argv)
     preset, _ = parser.parse_known_args(argv)
@@ -327,7 +342,9 @@ def parse_args(argv=None, prog: str = "pretrain_patch_gpt.py") -> TrainingConfig
         values = MODEL_PRESETS[preset.model_preset]
         parser.set_defaults(**{f"model__{name}": value for name, value in values.items() if name != "add_bias_linear"},
                             model__add_bias_linear=not values["add_bias_linear"])
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unknown_flags_message(unknown))
     cfg = TrainingConfig()
     for flag in FLAGS:
         value = getattr(args, flag.dest)

@@ -65,3 +65,19 @@ def test_help_lists_every_flag_with_a_text_in_its_group(capsys):
         assert f"\n{group}:\n" in text
     for flag in FLAGS:
         assert flag.name in text and flag.help
+
+
+def test_every_unknown_flag_is_named_in_one_message_with_its_closest_flag(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        parse_args(["--hiden-size", "64", "--use-flash-attn", "--lr-decay-iter=10", "--seq-length", "64"])
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "pretrain_patch_gpt: error: 3 unknown flags: --hiden-size (did you mean --hidden-size?), --use-flash-attn, "
+        "--lr-decay-iter (did you mean --lr-decay-iters?) (see --help)"]
+
+
+def test_a_flag_is_never_taken_for_a_longer_one_it_starts():
+    """argparse's abbreviations would read Megatron-LM's --seq (or any prefix) as one of our flags."""
+    with pytest.raises(SystemExit):
+        parse_args(["--seq-len", "64"])
+    assert parse_args(["--seq-length", "64"]).seq_length == 64

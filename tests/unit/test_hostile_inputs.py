@@ -208,7 +208,7 @@ def test_non_numeric_or_negative_flag_values_are_argparse_one_liners(saved, caps
     with pytest.raises(SystemExit) as exit_code:
         parse_args([*saved[0], flag, value])
     assert exit_code.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [f"pretrain_patch_gpt.py: error: {message}"]
+    assert capsys.readouterr().err.splitlines() == [f"pretrain_patch_gpt: error: {message}"]
 
 
 def test_evaluate_layout_flags_must_be_positive(capsys):

@@ -93,7 +93,7 @@ def test_checkpoint_directory_has_megatron_layout_and_tracker(two_phase):
     (["--patch-size", "4", "--seq-length", "130"], "--seq-length 130 must be a positive multiple of --patch-size 4"),
     (["--patch-size", "0"], "--patch-size must be >= 1"),
     (["--data-path", "/nonexistent/prefix"], "--data-path: /nonexistent/prefix.bin does not exist"),
-    (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
+    (["--no-such-flag", "1"], "pretrain_patch_gpt: error: 1 unknown flag: --no-such-flag (see --help)"),
 ])
 def test_bad_input_is_one_clear_line_before_any_work(corpus, tmp_path, flags, message):
     args = sized_flags(corpus, tmp_path, 4, 128, 8, 5, ["--save", str(tmp_path / "ckpt")]) + flags

@@ -116,7 +116,42 @@ def save_torch_dist(root: str, iteration: int, sharded_state: dict, run: dict) -
 
 def load_torch_dist(directory: str, sharded_state: dict) -> dict:
     """Collective: the tensors `sharded_state` asks for, cut for this rank's layout from a torch_dist checkpoint."""
+    check_torch_dist_pickles(directory)
     return dist_checkpointing.load(sharded_state, directory)
+
+
+# What torch.distributed.checkpoint's `.metadata` pickle may build: DCP's own metadata and planner classes, the
+# file system writer's storage record, torch.Size, dtypes and layouts. Its reader uses plain pickle.load.
+_DCP_CLASS_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
+_DCP_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                ("torch.serialization", "_get_layout")}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        found = super().find_class(module, name) if (
+            module in _DCP_CLASS_MODULES or (module, name) in _DCP_GLOBALS or module == "torch") else None
+        allowed = (module, name) in _DCP_GLOBALS or (module in _DCP_CLASS_MODULES and isinstance(found, type)) or (
+            module == "torch" and isinstance(found, torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+        return found
+
+
+def check_torch_dist_pickles(directory: str) -> None:
+    """Refuse, before torch or megatron-core unpickle anything of it, a torch_dist checkpoint whose pickles would
+    build more than a checkpoint holds: DCP's `.metadata` through the allow-list above, megatron-core's
+    `common.pt` (before 0.19) through `read`'s. CheckpointError naming the file and the class."""
+    metadata = os.path.join(directory, ".metadata")
+    try:
+        with open(metadata, "rb") as f:
+            _DCPMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {metadata}: it holds objects that would run code on loading "
+                              f"({e}): not a checkpoint this trainer wrote") from None
+    common = os.path.join(directory, "common.pt")
+    if os.path.exists(common):
+        read(common)
 
 
 def save_with(root: str, iteration: int, run: dict, write: Callable[[str], None]) -> str:

@@ -3,6 +3,7 @@ checkpoints whose pickle would run code (every path that reads one), damaged dat
 
 import json
 import os
+import pickle
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from helpers import PYTHON, ROOT, phase_flags, run
 from megatron_patch.checkpoint import storage
 from megatron_patch.cli import evaluate as evaluate_cli
 from megatron_patch.cli import export_hf
+from megatron_patch.compat.megatron_core import installed_version
 from megatron_patch.config.flags import parse_args
 from megatron_patch.config.plan import phases_to_run
 from megatron_patch.config.schema import ConfigError
@@ -98,6 +100,60 @@ def test_export_refuses_it_with_one_line(saved, tmp_path, capsys):
     assert exit_code.value.code == 2
     assert capsys.readouterr().err.strip().endswith(refusal(out))
     assert not (out / "SENTINEL").exists() and not (tmp_path / "hf").exists()
+
+
+
+@pytest.fixture(scope="module")
+def saved_torch_dist(corpus, tmp_path_factory):
+    """A 1-step run saved in the default torch_dist format, and copies of its checkpoint with a payload in
+    torch.distributed.checkpoint's pickled `.metadata` and (where megatron-core writes one) in `common.pt`."""
+    out = tmp_path_factory.mktemp("saved_torch_dist")
+    flags = phase_flags(corpus, out, 4, ["--lr-warmup-iters", "0", "--ckpt-format", "torch_dist", "--save",
+                                         str(out / "ckpt")], steps=1)
+    run([PYTHON, "pretrain_patch_gpt.py", *flags])
+    hostile = {}
+    for name in (".metadata", "common.pt"):
+        if (out / "ckpt" / "iter_0000001" / name).exists():
+            shutil.copytree(out / "ckpt", out / name)
+            target = out / name / "iter_0000001" / name
+            if name == "common.pt":  # a torch.save file, as megatron-core writes it
+                poison(target, out / "SENTINEL")
+            else:  # a plain pickle, as torch.distributed.checkpoint writes it
+                with open(target, "wb") as f:
+                    pickle.dump(RunsCode(out / "SENTINEL"), f)
+            hostile[name] = out / name
+    return flags, out, hostile
+
+
+def torch_dist_refusal(checkpoint, name):
+    return (f"refusing to load {checkpoint / 'iter_0000001' / name}: it holds objects that would run code on "
+            f"loading (GLOBAL posix.system): not a checkpoint this trainer wrote")
+
+
+@pytest.mark.parametrize("name", [".metadata", "common.pt"])
+@pytest.mark.parametrize("path", ["--load", "--pretrained-checkpoint", "evaluate", "export"])
+def test_a_torch_dist_payload_runs_nothing_and_is_one_line_on_every_path(saved_torch_dist, tmp_path, name, path):
+    flags, out, hostile = saved_torch_dist
+    if name not in hostile:
+        pytest.skip(f"megatron-core {'.'.join(map(str, installed_version()))} writes no {name}")
+    checkpoint = hostile[name]
+    if path == "evaluate":
+        result = run([PYTHON, f"{ROOT}/tools/evaluate.py", "--load", str(checkpoint)], check=False)
+        prog = "evaluate.py"
+    elif path == "export":
+        result = run([PYTHON, f"{ROOT}/tools/export_hf.py", str(checkpoint), str(tmp_path / "hf")], check=False)
+        prog = "export_hf.py"
+        assert not (tmp_path / "hf").exists()
+    else:
+        result = run([PYTHON, "pretrain_patch_gpt.py", *flags, "--train-iters", "2", "--save", str(tmp_path / "new"),
+                      path, str(checkpoint)], check=False)
+        prog = "pretrain_patch_gpt"
+    assert one_line_error(result) == f"{prog}: error: {torch_dist_refusal(checkpoint, name)}"
+    assert not (out / "SENTINEL").exists()
+
+
+def test_a_real_torch_dist_checkpoint_passes_the_allow_lists(saved_torch_dist):
+    storage.check_torch_dist_pickles(str(saved_torch_dist[1] / "ckpt" / "iter_0000001"))
 
 
 def test_deepspeed_resume_refuses_it_with_one_line(corpus, tmp_path):

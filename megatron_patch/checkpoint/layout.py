@@ -22,6 +22,7 @@ RUN_FILE = "run.json"  # next to the shards: the config and what the run trained
 SHARD_FILE = "model_optim_rng.pt"  # legacy format: a model-parallel rank's model, optimizer and RNG state
 DISTRIB_OPTIM = "distrib_optim.pt"  # legacy format: the distributed optimizer's state, gathered (Megatron-LM's name)
 TORCH_DIST_METADATA = "metadata.json"  # megatron-core writes it last, after every rank's torch_dist shards
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the .distcp shards (a pickle)
 
 
 def iteration_dir(root: str, iteration: int) -> str:

@@ -112,7 +112,7 @@ def _torch_dist_full_state_dict(checkpoint_dir: str) -> dict:
     """The model tensors of a torch_dist checkpoint, whole, read without a process group: megatron-core stores
     each tensor-parallel weight as one global tensor (SwiGLU's [gate; up] and the key/value groups already in
     one-process order) and the weights of all layers as one tensor with a leading layer axis."""
-    storage.check_torch_dist_pickles(checkpoint_dir)
+    storage.check_torch_dist(checkpoint_dir)
     reader = FileSystemReader(checkpoint_dir)
     stored = reader.read_metadata().state_dict_metadata
     wanted = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in stored.items()

@@ -9,6 +9,7 @@ Reading (`read`): torch.load with weights_only and an allow-list, so a file from
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -116,7 +117,7 @@ def save_torch_dist(root: str, iteration: int, sharded_state: dict, run: dict) -
 
 def load_torch_dist(directory: str, sharded_state: dict) -> dict:
     """Collective: the tensors `sharded_state` asks for, cut for this rank's layout from a torch_dist checkpoint."""
-    check_torch_dist_pickles(directory)
+    check_torch_dist(directory)
     return dist_checkpointing.load(sharded_state, directory)
 
 
@@ -127,6 +128,10 @@ _DCP_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("t
                 ("torch.serialization", "_get_layout")}
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global outside the allow-list (the pickle could run code), not a damaged file."""
+
+
 class _DCPMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         found = super().find_class(module, name) if (
@@ -134,24 +139,44 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         allowed = (module, name) in _DCP_GLOBALS or (module in _DCP_CLASS_MODULES and isinstance(found, type)) or (
             module == "torch" and isinstance(found, torch.dtype))
         if not allowed:
-            raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+            raise _Refused(f"GLOBAL {module}.{name}")
         return found
 
 
-def check_torch_dist_pickles(directory: str) -> None:
-    """Refuse, before torch or megatron-core unpickle anything of it, a torch_dist checkpoint whose pickles would
-    build more than a checkpoint holds: DCP's `.metadata` through the allow-list above, megatron-core's
-    `common.pt` (before 0.19) through `read`'s. CheckpointError naming the file and the class."""
-    metadata = os.path.join(directory, ".metadata")
+def check_torch_dist(directory: str) -> None:
+    """Before torch or megatron-core read anything of a torch_dist checkpoint: refuse it (CheckpointError naming
+    the file) if its pickles would build more than a checkpoint holds (DCP's `.metadata` through the allow-list
+    above, megatron-core's `common.pt`, before 0.19, through `read`'s), or if it is damaged: `.metadata` or
+    `metadata.json` unreadable, a `.distcp` shard missing or shorter than the data `.metadata` places in it."""
+    metadata = os.path.join(directory, layout.DCP_METADATA)
     try:
         with open(metadata, "rb") as f:
-            _DCPMetadataUnpickler(f).load()
-    except pickle.UnpicklingError as e:
+            storage = _DCPMetadataUnpickler(f).load().storage_data
+    except _Refused as e:
         raise CheckpointError(f"refusing to load {metadata}: it holds objects that would run code on loading "
                               f"({e}): not a checkpoint this trainer wrote") from None
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{metadata}: unreadable torch_dist metadata ({type(e).__name__}: {e}); the "
+                              f"checkpoint is damaged: use an earlier iteration") from None
     common = os.path.join(directory, "common.pt")
     if os.path.exists(common):
         read(common)
+    megatron_metadata = os.path.join(directory, layout.TORCH_DIST_METADATA)
+    try:
+        with open(megatron_metadata) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{megatron_metadata}: unreadable ({type(e).__name__}: {e}); the checkpoint is "
+                              f"damaged: use an earlier iteration") from None
+    needed = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = os.path.join(directory, name)
+        have = os.path.getsize(path) if os.path.isfile(path) else None
+        if have is None or have < size:
+            raise CheckpointError(f"{path}: {'missing' if have is None else f'cut short ({have} of {size} bytes)'}; "
+                                  f"the checkpoint is damaged: use an earlier iteration")
 
 
 def save_with(root: str, iteration: int, run: dict, write: Callable[[str], None]) -> str:

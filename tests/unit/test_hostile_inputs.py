@@ -153,7 +153,7 @@ def test_a_torch_dist_payload_runs_nothing_and_is_one_line_on_every_path(saved_t
 
 
 def test_a_real_torch_dist_checkpoint_passes_the_allow_lists(saved_torch_dist):
-    storage.check_torch_dist_pickles(str(saved_torch_dist[1] / "ckpt" / "iter_0000001"))
+    storage.check_torch_dist(str(saved_torch_dist[1] / "ckpt" / "iter_0000001"))
 
 
 def test_deepspeed_resume_refuses_it_with_one_line(corpus, tmp_path):
@@ -292,3 +292,42 @@ def test_blend_with_odd_weights_is_one_line(corpus, saved, blend, message):
 def test_split_megatron_would_misread_is_one_line(saved, split):
     with pytest.raises(ConfigError, match=f"--split {split}: need up to 3 non-negative numbers"):
         phases_to_run(parse_args([*saved[0], "--split", split]), 1)
+
+
+def _cut_first_shard(directory):
+    shard = sorted(directory.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    return shard, f"{shard}: cut short (100 of"
+
+
+def _remove_first_shard(directory):
+    shard = sorted(directory.glob("*.distcp"))[0]
+    shard.unlink()
+    return shard, f"{shard}: missing; the checkpoint is damaged"
+
+
+def _truncate_index(directory):
+    index = directory / ".metadata"
+    index.write_bytes(index.read_bytes()[:50])
+    return index, f"{index}: unreadable torch_dist metadata"
+
+
+def _garble_megatron_metadata(directory):
+    (directory / "metadata.json").write_text("{not json")
+    return directory / "metadata.json", f"{directory / 'metadata.json'}: unreadable (JSONDecodeError"
+
+
+@pytest.mark.parametrize("damage", [_cut_first_shard, _remove_first_shard, _truncate_index, _garble_megatron_metadata])
+def test_a_damaged_torch_dist_checkpoint_is_one_line_before_any_step(saved_torch_dist, tmp_path, damage):
+    flags, out, _ = saved_torch_dist
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out / "ckpt", damaged)
+    _, message = damage(damaged / "iter_0000001")
+    log = tmp_path / "run.jsonl"
+    result = run([PYTHON, "pretrain_patch_gpt.py", *flags, "--train-iters", "2", "--save", str(tmp_path / "new"),
+                  "--load", str(damaged), "--log-json", str(log)], check=False)
+    line = one_line_error(result)
+    assert line.startswith("pretrain_patch_gpt: error: ") and message in line, line
+    assert not log.exists() or "loss" not in log.read_text()
+    # The undamaged checkpoint it was copied from still loads.
+    storage.check_torch_dist(str(out / "ckpt" / "iter_0000001"))

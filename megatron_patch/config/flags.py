@@ -164,6 +164,9 @@ GROUPS = {
              dict(type=int)),
         Flag("--exit-duration-in-mins", "exit_duration_in_mins", "stop (and save) after this much wall time",
              dict(type=float)),
+        Flag("--check-for-nan-in-loss-and-grad", "check_for_nan_in_loss_and_grad",
+             "stop (exit 1, nothing saved) when the loss or the gradient norm is not finite, naming the step and "
+             "the last good checkpoint; --no-check-for-nan-in-loss-and-grad (Megatron-LM's flag) trains on", ON),
     ],
     "optimizer": [
         Flag("--lr", "optim.lr", "peak learning rate (AdamW)", dict(type=float)),

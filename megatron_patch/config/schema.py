@@ -212,6 +212,7 @@ class TrainingConfig:
     exit_signal_handler: bool = False  # SIGTERM / SIGUSR1 (Slurm's warning before a time limit)
     exit_interval: Optional[int] = None  # stop after an iteration divisible by this
     exit_duration_in_mins: Optional[float] = None  # stop after this much wall time
+    check_for_nan_in_loss_and_grad: bool = True  # Megatron-LM's: a non-finite loss or gradient norm stops the run
 
     @property
     def num_patches(self) -> int:

@@ -91,7 +91,7 @@ class Trainer:
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "microbatch_losses": microbatch_losses}
 
     def _stop_if_diverged(self, what: str, value: Optional[float]) -> None:
-        if value is None or math.isfinite(value):
+        if value is None or math.isfinite(value) or not self.cfg.check_for_nan_in_loss_and_grad:
             return
         last = layout.latest_iteration(self.cfg.save)
         kept = (f"the last good checkpoint, {layout.iteration_dir(self.cfg.save, last)}, is kept (resume "

@@ -1,6 +1,7 @@
 """Checkpoints that survive: a kill during a save leaves the previous checkpoint usable, a diverged run keeps the
 last good one, and resuming on another model, tokenizer or dataset is a clear error, not silent garbage."""
 
+import math
 import os
 import subprocess
 import time
@@ -11,6 +12,7 @@ from helpers import PYTHON, ROOT, free_port, phase_flags, run
 from megatron_patch.checkpoint.layout import TRACKER, latest_iteration
 from megatron_patch.config.flags import parse_args
 from megatron_patch.config.schema import ConfigError
+from megatron_patch.training import json_log
 from megatron_patch.training.trainer import Trainer
 
 
@@ -85,6 +87,16 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpu
     assert "is nan at iteration 2; stopped without saving: the last good checkpoint" in lines[0]
     assert f"{ckpt}/iter_0000001, is kept" in lines[0]
     assert latest_iteration(str(ckpt)) == 1 and sorted(os.listdir(ckpt)) == sorted(["iter_0000001", TRACKER])
+
+
+def test_no_check_for_nan_in_loss_and_grad_trains_on_as_in_megatron_lm(corpus, tmp_path):
+    log = tmp_path / "run.jsonl"
+    run([PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path, 4, [
+        "--lr", "1e30", "--lr-warmup-iters", "0", "--no-check-for-nan-in-loss-and-grad", "--log-json", str(log),
+        "--log-interval", "1"], steps=3)])
+    steps = [record for record in json_log.read_records(str(log)) if "loss" in record]
+    values = [step[key] for step in steps for key in ("loss", "grad_norm")]
+    assert len(steps) == 3 and math.isfinite(values[0]) and not all(map(math.isfinite, values)), values
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_and_resume_finishes(corpus, tmp_path):

@@ -46,3 +46,11 @@ def hybrid_api() -> SimpleNamespace:
     pattern_arg = "hybrid_layer_pattern" if "hybrid_layer_pattern" in parameters else "hybrid_override_pattern"
     return SimpleNamespace(model=model, stack=stack, submodules=submodules, spec_arg=spec_arg,
                            pattern_arg=pattern_arg)
+
+
+def null_tokenizer_eod_is_last_id() -> bool:
+    """NullTokenizer with --vocab-size N. Up to 0.17: ids 0..N-1, EOD = N, vocab_size N + 1. From 0.18 (its
+    NullTokenizer takes an `eod_id`): vocab_size N, EOD = N - 1 (Megatron-LM's --null-tokenizer-eod-id moves it)."""
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    return "eod_id" in inspect.signature(NullTokenizer.__init__).parameters

@@ -45,7 +45,8 @@ TOKENIZER_FLAGS = [
      "SentencePiece .model, or HuggingFace tokenizer.json / local tokenizer directory", dict()),
     ("--vocab-file", "vocab_file", "GPT2BPETokenizer: vocab.json", dict()),
     ("--merge-file", "merge_file", "GPT2BPETokenizer: merges.txt", dict()),
-    ("--vocab-size", "vocab_size", "NullTokenizer: ids 0..N-1 (EOD is N)", dict(type=int)),
+    ("--vocab-size", "vocab_size",
+     "NullTokenizer: ids 0..N-1; EOD is N (megatron-core <= 0.17) or N-1 (>= 0.18)", dict(type=int)),
     ("--tokenizer-hf-include-special-tokens", "tokenizer_hf_include_special_tokens",
      "HuggingFaceTokenizer: add the tokenizer's special tokens (e.g. BOS) to every text", dict(action="store_true")),
 ]

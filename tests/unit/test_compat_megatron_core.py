@@ -4,7 +4,12 @@ releases: the installed release behaves as the helper says it does (the 3.11 leg
 import inspect
 
 from helpers import PYTHON, run
-from megatron_patch.compat.megatron_core import hybrid_api, installed_version, sample_tokens
+from megatron_patch.compat.megatron_core import (
+    hybrid_api,
+    installed_version,
+    null_tokenizer_eod_is_last_id,
+    sample_tokens,
+)
 from megatron_patch.data.dataset import build_datasets
 from megatron_patch.data.tokenizers.wrappers import SentencePieceTokenizer
 
@@ -32,3 +37,11 @@ def test_starting_the_trainer_writes_nothing_to_stderr():
     (the 3.12 leg's torch is a CUDA build without a GPU)."""
     result = run([PYTHON, "-c", "import megatron_patch.cli.pretrain"])
     assert result.stderr == ""
+
+
+def test_null_tokenizer_eod_moved_into_the_vocabulary_from_0_18():
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    tokenizer = NullTokenizer(1000)
+    assert null_tokenizer_eod_is_last_id() == (installed_version() >= (0, 18))
+    assert (tokenizer.eod, tokenizer.vocab_size) == ((999, 1000) if null_tokenizer_eod_is_last_id() else (1000, 1001))

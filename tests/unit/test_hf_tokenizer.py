@@ -99,7 +99,8 @@ def models(corpus, tmp_path_factory):
 
 
 def test_whole_corpus_gives_sentencepiece_ids_and_decode(models):
-    assert len(models["texts"]) > 500 and sum(map(len, models["texts"])) > 2_000_000
+    # The corpus is the running Python's documentation: 536 documents on 3.11, 500 on 3.12.
+    assert len(models["texts"]) >= 500 and sum(map(len, models["texts"])) > 2_000_000
     for name in ("bpe4k", "bpe1k"):
         assert spm.SentencePieceProcessor(model_file=models[name]).get_piece_size() == int(name[3]) * 1000
         _assert_same(models[name], models[f"{name}_hf"], models["texts"])

@@ -12,7 +12,7 @@ import numpy
 import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
-from megatron.core.tokenizers import MegatronTokenizer
+from megatron.core.tokenizers import MegatronTokenizer, megatron_tokenizer
 
 from helpers import PYTHON, ROOT, phase_flags, run
 from megatron_patch.checkpoint import guards
@@ -61,10 +61,14 @@ def spec_for(kind, d, vocab_size=1000):
             "NullTokenizer": TokenizerSpec(kind, vocab_size=vocab_size)}[kind]
 
 
+# megatron-core's library name for NullTokenizer: "null" in 0.16, "null-text" in 0.19 (its TEXT_LIBRARIES).
+NULL_LIBRARY = "null-text" if "null-text" in getattr(megatron_tokenizer, "TEXT_LIBRARIES", ()) else "null"
+
+
 def megatron_core_tokenizer(kind, d, vocab_size=1000):
     """megatron-core 0.16's tokenizer as Megatron-LM's tools/preprocess_data.py builds it (build_tokenizer)."""
     if kind == "NullTokenizer":
-        return MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=vocab_size)
+        return MegatronTokenizer.from_pretrained(metadata_path={"library": NULL_LIBRARY}, vocab_size=vocab_size)
     common = dict(metadata_path={"library": "huggingface"}, use_fast=False, include_special_tokens=False,
                   additional_special_tokens=[])
     if kind == "HuggingFaceTokenizer":
@@ -101,15 +105,19 @@ def same_bytes(prefix_a, prefix_b):
 def test_bytes_equal_megatron_lm_output(corpus, tokenizers_dir, tmp_path, kind, vocab_size, workers):
     d = tokenizers_dir
     jsonl = d / "ids.jsonl" if kind == "NullTokenizer" else corpus["jsonl"]
-    reference = megatron_lm_dataset(megatron_core_tokenizer(kind, d, vocab_size), jsonl, tmp_path / "megatron")
+    megatron = megatron_core_tokenizer(kind, d, vocab_size)
+    reference = megatron_lm_dataset(megatron, jsonl, tmp_path / "megatron")
     preprocess(jsonl, tmp_path / "ours", *flags_for(kind, d, vocab_size), "--workers", str(workers))
     ours = str(tmp_path / "ours_text_document")
     assert same_bytes(ours, reference)
     dataset = IndexedDataset(ours)
     assert dataset.index.dtype == (numpy.int32 if vocab_size == 70000 else numpy.uint16)
     meta = read_sidecar(ours)
-    assert meta["tokenizer_type"] == kind and meta["vocab_size"] == (vocab_size + 1 if vocab_size else 1000)
-    assert meta["eod_id"] == (vocab_size if vocab_size else 0)  # <|endoftext|> is id 0 of the trained BPE
+    # NullTokenizer N: vocab N + 1 and EOD N in megatron-core 0.16, vocab N and EOD N - 1 from 0.18.
+    assert meta["tokenizer_type"] == kind and meta["vocab_size"] == megatron.vocab_size
+    assert meta["eod_id"] == megatron.eod
+    if kind != "NullTokenizer":
+        assert meta["vocab_size"] == 1000 and meta["eod_id"] == 0  # <|endoftext|> is id 0 of the trained BPE
 
 
 @pytest.mark.parametrize("kind", ["HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"])

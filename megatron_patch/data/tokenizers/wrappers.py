@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import sentencepiece as spm
 
+from megatron_patch.compat.megatron_core import null_tokenizer_eod_is_last_id
 from megatron_patch.config.tokenizer import SENTENCEPIECE_TYPES, TokenizerError, TokenizerSpec, file_sha256
 
 # What a tokenizer raises for a text it cannot encode (a lone surrogate, a NullTokenizer text that is not ids).
@@ -295,18 +296,20 @@ class GPT2BPETokenizer(FastTokenizer):
 
 
 class NullTokenizer(Tokenizer):
-    """Megatron-LM's NullTokenizer (megatron-core 0.16): the text is ids separated by single spaces, each below
-    --vocab-size N; EOD = N, vocab_size = N + 1, no pad."""
+    """Megatron-LM's NullTokenizer as the installed megatron-core has it: the text is ids separated by single
+    spaces, each below --vocab-size N; no pad. EOD = N and vocab_size N + 1 up to 0.17, EOD = N - 1 and vocab_size N
+    from 0.18 (compat.megatron_core.null_tokenizer_eod_is_last_id)."""
 
     def __init__(self, vocab_size: int):
         self.spec = TokenizerSpec("NullTokenizer", vocab_size=vocab_size).resolved()
         self._n = int(vocab_size)
-        self.eod = self._n
+        self._eod_in_range = null_tokenizer_eod_is_last_id()
+        self.eod = self._n - 1 if self._eod_in_range else self._n
         self.unique_identifiers = OrderedDict(class_=type(self).__name__, vocab_size=self._n)
 
     @property
     def vocab_size(self) -> int:
-        return self._n + 1
+        return self._n if self._eod_in_range else self._n + 1
 
     def tokenize(self, text: str) -> List[int]:
         ids = [int(x) for x in text.split(" ")]

@@ -27,9 +27,9 @@ $PY tools/preprocess_data.py --input "$OUT/train.jsonl" --output-prefix "$OUT/do
     --tokenizer-model "$OUT/tokenizer.model" --append-eod --patch-size "$K" --workers 2
 
 # cpu-small: a 4-layer LLaMA-style model (RMSNorm, SwiGLU, RoPE, no biases, untied embeddings; presets.py) with
-# the paper's AdamW settings (the defaults), a higher LR and short warmup for this tiny budget. Both runs read
+# the paper's AdamW settings (--recipe paper), a higher LR and short warmup for this tiny budget. Both runs read
 # 32 samples x 256 tokens per step (phase 1: 32/K samples of K*256 tokens) in micro-batches of 32/K samples.
-COMMON=(--model-preset cpu-small --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10
+COMMON=(--model-preset cpu-small --recipe paper --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10
         --data-path "$OUT/docs_text_document" --tokenizer-model "$OUT/tokenizer.model"
         --data-cache-path "$OUT/cache" --split "98,2,0" --log-interval 10 --eval-interval 25 --eval-iters 4
         --seq-length 256 --global-batch-size 32 --micro-batch-size $((32 / K / NPROC)) --train-tokens "$TOKENS")

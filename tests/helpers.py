@@ -59,8 +59,10 @@ def launcher(nproc):
 def phase_flags(corpus, out, k, extra=(), steps=4, tied=False):
     """pretrain_patch_gpt flags for a short run of the tiny model: 8 samples of 32 patches per step (with `tied`,
     input and output embeddings shared), checkpoints in the legacy format (TORCH_DIST). Later occurrences of a flag
-    in `extra` win."""
-    return [*TINY, *(TIED if tied else []), "--patch-size", str(k), "--seq-length", str(32 * k),
+    in `extra` win. The paper's optimizer (--recipe paper, its LR and warmup overridden), a log line every 10 steps
+    and the data read in-process, as the trainer's defaults were before they became Megatron-LM's."""
+    return [*TINY, *(TIED if tied else []), "--recipe", "paper", "--log-interval", "10", "--num-workers", "0",
+            "--patch-size", str(k), "--seq-length", str(32 * k),
             "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(steps), "--lr", "3e-3",
             "--lr-warmup-iters", "1", "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"],
             "--data-cache-path", str(out / "cache"), "--eval-interval", "1000", "--eval-iters", "1",

@@ -62,13 +62,17 @@ class CheckpointManager:
 
     def resume(self, trainer, iteration: int) -> None:
         """Model, optimizer and training state from --load's checkpoint at `iteration`, in either format; a
-        torch_dist checkpoint loads into any layout (the RNG streams only into the one that wrote it)."""
+        torch_dist checkpoint loads into any layout (the RNG streams only into the one that wrote it). With
+        --no-load-optim the optimizer (and LR schedule) start afresh; with --no-load-rng the RNG streams."""
         directory = layout.iteration_dir(self.cfg.load, iteration)
         torch_dist = layout.is_torch_dist(directory)
+        load_optim = not self.cfg.no_load_optim
         if torch_dist:
             saved = layout.read_run(self.cfg.load, iteration)["config"]["parallel"]
             same_layout = all(saved[k] == getattr(self.cfg.parallel, k) for k in guards.MODEL_PARALLEL_LAYOUT)
-            state = storage.load_torch_dist(directory, self._sharded_state(trainer, is_loading=True, rng=same_layout))
+            sharded = self._sharded_state(trainer, is_loading=True, rng=same_layout and not self.cfg.no_load_rng,
+                                          optimizer=load_optim)
+            state = storage.load_torch_dist(directory, sharded)
             if not same_layout:
                 print_rank_0("resuming in another model-parallel layout: dropout RNG streams start afresh")
         else:
@@ -76,10 +80,11 @@ class CheckpointManager:
         models = trainer.models
         for i, model in enumerate(models):
             model.load_state_dict(state[layout.model_key(i, len(models))])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        if self.cfg.parallel.use_distributed_optimizer and not torch_dist:
-            with torch.no_grad():  # fp32 training: the optimizer's main weights are views of the model's
-                trainer.optimizer.load_parameter_state(storage.shard_file(directory, layout.DISTRIB_OPTIM))
+        if load_optim:
+            trainer.optimizer.load_state_dict(state["optimizer"])
+            if self.cfg.parallel.use_distributed_optimizer and not torch_dist:
+                with torch.no_grad():  # fp32 training: the optimizer's main weights are views of the model's
+                    trainer.optimizer.load_parameter_state(storage.shard_file(directory, layout.DISTRIB_OPTIM))
         trainer.restore_training_state(state)
 
     def _write_legacy(self, trainer, staging: str) -> None:
@@ -92,17 +97,18 @@ class CheckpointManager:
         if self.cfg.parallel.use_distributed_optimizer:  # collective over data-parallel ranks; rank 0 writes
             trainer.optimizer.save_parameter_state(storage.shard_file(staging, layout.DISTRIB_OPTIM))
 
-    def _sharded_state(self, trainer, is_loading: bool = False, rng: bool = True) -> dict:
+    def _sharded_state(self, trainer, is_loading: bool = False, rng: bool = True, optimizer: bool = True) -> dict:
         """What a torch_dist checkpoint holds: megatron-core's sharded model and optimizer state (global tensors,
         so any layout can load them), this rank's RNG streams as a per-(pipeline, tensor) rank object, and the
         training state, the same on every rank."""
         models = trainer.models
         chunks = {layout.model_key(i, len(models)): m.sharded_state_dict() for i, m in enumerate(models)}
         state = {**chunks, **trainer.training_state()}
-        if is_loading and self.cfg.parallel.use_distributed_optimizer:
-            _allocate_distributed_optimizer_state(trainer.optimizer)
-        state["optimizer"] = trainer.optimizer.sharded_state_dict(chunks, is_loading=is_loading,
-                                                                  metadata=OPTIMIZER_SHARDING)
+        if optimizer:
+            if is_loading and self.cfg.parallel.use_distributed_optimizer:
+                _allocate_distributed_optimizer_state(trainer.optimizer)
+            state["optimizer"] = trainer.optimizer.sharded_state_dict(chunks, is_loading=is_loading,
+                                                                      metadata=OPTIMIZER_SHARDING)
         rng_states = state.pop("rng_state")
         if rng:
             state["rng_state"] = storage.rng_object(rng_states)

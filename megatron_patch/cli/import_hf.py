@@ -60,9 +60,10 @@ def model_flags(model: ModelConfig) -> list:
         value = getattr(model, name)
         if value is None or (name == "max_position_embeddings" and model.position_embedding_type == "rope"):
             continue  # rope models have no position table
-        if flag.kwargs.get("action") is not None:  # --x / --no-x
+        if flag.kwargs.get("action") is not None:  # --x / --no-x, or a store_true --x
             on = (not value) if flag.negated else value
-            args.append(flag.name if on else "--no-" + flag.name[2:])
+            if on or flag.kwargs["action"] != "store_true":
+                args.append(flag.name if on else "--no-" + flag.name[2:])
         else:
             args += [flag.name, str(value)]
     return args

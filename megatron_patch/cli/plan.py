@@ -2,7 +2,7 @@
 Imports no torch, so it runs on a login node (slurm/phase.sbatch --check uses it).
 
   python tools/plan.py --patch-size 4 --patch-fraction 0.667 --seq-length 2048 --global-batch-size 1024 \\
-      --micro-batch-size 4 --train-tokens 100000000000 --lr-warmup-iters 2000 --save ckpt [--json]
+      --train-tokens 100000000000 --recipe paper --save ckpt [--json]
 
 Takes the flags of pretrain_patch_gpt.py (model and data flags are accepted and ignored): --seq-length and
 --global-batch-size describe the token-level phase 2; phase 1 reads K times longer samples, K times fewer per
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-from megatron_patch.config.flags import parse_args
+from megatron_patch.config.flags import PLAN_REQUIRED, parse_args
 from megatron_patch.config.plan import make_plan
 from megatron_patch.errors import one_line_errors
 
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     if as_json:
         argv.remove("--json")
     with one_line_errors("plan"):
-        plan = make_plan(parse_args(argv, prog="plan.py"))
+        plan = make_plan(parse_args(argv, prog="plan.py", required=PLAN_REQUIRED))
     print(json.dumps(plan.to_dict(), indent=2) if as_json else plan.describe())
 
 

@@ -33,6 +33,8 @@ def main(argv=None) -> None:
 
 def _run(phases, plan) -> None:
     try:
+        for notice in dict.fromkeys(phases[0].notices):
+            print_rank_0(f"notice: {notice}")
         if plan:
             print_rank_0(plan.describe())
         for phase in phases:

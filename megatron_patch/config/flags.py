@@ -10,13 +10,16 @@ import difflib
 import sys
 from dataclasses import dataclass, field
 
-from megatron_patch.config.presets import MODEL_PRESETS
+from megatron_patch.config import megatron_lm
+from megatron_patch.config.presets import MODEL_PRESETS, RECIPES
 from megatron_patch.config.schema import (
     ATTENTION_BACKENDS,
     CKPT_FORMATS,
+    LR_DECAY_STYLES,
     MODEL_CLASSES,
     RECOMPUTE_MODULES,
     TRANSFORMER_IMPLS,
+    WSD_DECAY_STYLES,
     TrainingConfig,
 )
 from megatron_patch.config.tokenizer import TOKENIZER_FLAGS
@@ -61,9 +64,16 @@ GROUPS = {
         Flag("--init-method-std", "model.init_method_std", "std of the normal weight initialisation",
              dict(type=float)),
         Flag("--norm-epsilon", "model.norm_epsilon", "epsilon of the norm layers", dict(type=float)),
+        Flag("--apply-layernorm-1p", "model.apply_layernorm_1p",
+             "norm weights stored as (weight - 1), zero-centred (Transformer Engine's norms only)",
+             dict(action="store_true")),
+        Flag("--kv-channels", "model.kv_channels",
+             "width of each attention head (default and only value here: hidden size / attention heads)",
+             dict(type=int)),
         Flag("--transformer-impl", "model.transformer_impl",
              "layer implementation: megatron-core's local (torch) layers, or Transformer Engine's (GPU only; "
-             "needs the transformer_engine package; checkpoints name the fused norms differently)",
+             "needs the transformer_engine package; checkpoints name the fused norms differently). Default: "
+             "transformer_engine when it imports (Megatron-LM's default), else local, said at start-up",
              dict(choices=list(TRANSFORMER_IMPLS))),
         Flag("--attention-backend", "model.attention_backend",
              "core attention. Local layers: auto/flash/fused = torch's scaled_dot_product_attention (flash or "
@@ -119,6 +129,9 @@ GROUPS = {
         Flag("--overlap-param-gather", "parallel.overlap_param_gather",
              "with --use-distributed-optimizer and --overlap-grad-reduce: all-gather the updated weights during the "
              "next forward pass", dict(action="store_true")),
+        Flag("--grad-reduce-in-bf16", "parallel.grad_reduce_in_bf16",
+             "with --bf16: reduce gradients over data-parallel ranks in bf16 (default: fp32)",
+             dict(action="store_true")),
     ],
     "data": [
         Flag("--data-path", "data.data_path",
@@ -141,8 +154,14 @@ GROUPS = {
              dict(type=int)),
         Flag("--train-iters", "train_iters", "optimizer steps", dict(type=int)),
         Flag("--train-tokens", "train_tokens", "tokens to read, instead of --train-iters", dict(type=int)),
+        Flag("--train-samples", "train_samples",
+             "samples to read, instead of --train-iters (Megatron-LM's sample-based training: give the schedule in "
+             "samples too)", dict(type=int)),
         Flag("--seed", "seed", "random seed (weights, data order, dropout)", dict(type=int)),
         Flag("--bf16", "bf16", "bf16 weights and activations, fp32 master weights", dict(action="store_true")),
+        Flag("--disable-bf16-reduced-precision-matmul", "disable_bf16_reduced_precision_matmul",
+             "CUDA: no reduced-precision reductions in bf16 matmuls (torch.backends.cuda.matmul)",
+             dict(action="store_true")),
         Flag("--recompute-granularity", "model.recompute_granularity",
              "activation recompute: full = whole layers (see --recompute-method), selective = --recompute-modules "
              "of every layer. The default core_attn saves little with the SDPA attention backend (it keeps no "
@@ -169,13 +188,31 @@ GROUPS = {
              "the last good checkpoint; --no-check-for-nan-in-loss-and-grad (Megatron-LM's flag) trains on", ON),
     ],
     "optimizer": [
-        Flag("--lr", "optim.lr", "peak learning rate (AdamW)", dict(type=float)),
+        Flag("--lr", "optim.lr", "peak learning rate (AdamW); required unless --recipe sets it", dict(type=float)),
         Flag("--min-lr", "optim.min_lr", "learning rate at the end of the decay", dict(type=float)),
-        Flag("--lr-decay-style", "optim.lr_decay_style", "decay after warmup",
-             dict(choices=["cosine", "linear", "constant"])),
+        Flag("--decoupled-lr", "optim.decoupled_lr", "peak learning rate of the input embedding and output layer",
+             dict(type=float)),
+        Flag("--decoupled-min-lr", "optim.decoupled_min_lr", "with --decoupled-lr: their final learning rate",
+             dict(type=float)),
+        Flag("--lr-decay-style", "optim.lr_decay_style",
+             "decay after warmup (WSD: constant, then --lr-wsd-decay-iters of decay at the end)",
+             dict(choices=list(LR_DECAY_STYLES))),
         Flag("--lr-warmup-iters", "optim.lr_warmup_iters", "linear warmup steps (per phase)", dict(type=int)),
+        Flag("--lr-warmup-fraction", "optim.lr_warmup_fraction",
+             "warmup as a fraction of the decay steps (of each phase), instead of --lr-warmup-iters",
+             dict(type=float)),
         Flag("--lr-decay-iters", "optim.lr_decay_iters", "decay steps (default: the phase's iterations)",
              dict(type=int)),
+        Flag("--lr-warmup-samples", "optim.lr_warmup_samples", "with --train-samples: warmup in samples",
+             dict(type=int)),
+        Flag("--lr-decay-samples", "optim.lr_decay_samples",
+             "with --train-samples: decay in samples (default: --train-samples)", dict(type=int)),
+        Flag("--lr-wsd-decay-style", "optim.lr_wsd_decay_style", "WSD: the shape of the final decay",
+             dict(choices=list(WSD_DECAY_STYLES))),
+        Flag("--lr-wsd-decay-iters", "optim.lr_wsd_decay_iters", "WSD: iterations of the final decay",
+             dict(type=int)),
+        Flag("--lr-wsd-decay-samples", "optim.lr_wsd_decay_samples",
+             "WSD with --train-samples: samples of the final decay", dict(type=int)),
         Flag("--weight-decay", "optim.weight_decay", "decoupled weight decay (not on biases and norms)",
              dict(type=float)),
         Flag("--adam-beta1", "optim.adam_beta1", "Adam beta1", dict(type=float)),
@@ -216,6 +253,14 @@ GROUPS = {
         Flag("--pretrained-checkpoint", "pretrained_checkpoint",
              "start from these weights only (fresh optimizer and LR schedule; any parallel layout), e.g. phase 1's",
              dict()),
+        Flag("--no-load-optim", "no_load_optim",
+             "--load: resume the weights and the iteration, with a fresh optimizer and LR schedule",
+             dict(action="store_true")),
+        Flag("--no-load-rng", "no_load_rng", "--load: keep this run's random streams (dropout), not the saved ones",
+             dict(action="store_true")),
+        Flag("--finetune", "finetune",
+             "--load: the weights only, from iteration 0 (fresh optimizer, LR schedule, RNG and data order); "
+             "later restarts resume from --save as usual", dict(action="store_true")),
     ],
     "DeepSpeed": [
         Flag("--deepspeed", "deepspeed.enabled", "data parallelism and ZeRO through a DeepSpeed engine",
@@ -258,7 +303,7 @@ probability = _number(float, 0, True, 1)
 VALUE_TYPES = {
     "--num-workers": non_negative_int, "--seed": non_negative_int, "--lr-warmup-iters": non_negative_int,
     "--phase1-lr-warmup-iters": non_negative_int, "--phase2-lr-warmup-iters": non_negative_int,
-    "--eval-iters": non_negative_int,
+    "--eval-iters": non_negative_int, "--lr-warmup-samples": non_negative_int, "--lr-warmup-fraction": probability,
     "--hidden-dropout": probability, "--attention-dropout": probability, "--adam-beta1": probability,
     "--adam-beta2": probability,
     "--init-method-std": positive_float, "--norm-epsilon": positive_float, "--adam-eps": positive_float,
@@ -294,16 +339,28 @@ def _set(obj, path, value):
     setattr(obj, leaf, value)
 
 
+# Megatron-LM requires these (no default there); a --model-preset gives the first three.
+REQUIRED = ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--micro-batch-size")
+SET_BY_PRESET = REQUIRED[:3]
+PLAN_REQUIRED = ("--seq-length",)  # tools/plan.py: the budget's flags only
+
+
 def build_parser(prog: str = "pretrain_patch_gpt") -> argparse.ArgumentParser:
     # No abbreviations (Megatron-LM's rule too): a Megatron-LM flag this parser lacks must not be taken silently
     # for a longer flag of ours that it happens to start.
     parser = OneLineErrorParser(
         prog=prog, allow_abbrev=False, description="Patch-level (then token-level) GPT pretraining on megatron-core.",
-        epilog="Defaults are the paper's recipe where it has one. See README.md.")
-    presets = parser.add_argument_group("model preset")
+        epilog="Defaults are Megatron-LM's; --recipe paper gives the paper's optimizer settings. Megatron-LM flags "
+               "that are not listed here are taken as aliases, accepted without effect, or refused with a reason "
+               "(megatron_patch/config/megatron_lm.py). See README.md.")
+    presets = parser.add_argument_group("presets")
     presets.add_argument("--model-preset", choices=sorted(MODEL_PRESETS),
                          help="a named model (presets.py): the paper's LLaMA sizes or the CPU ones; explicit model "
                               "flags override it")
+    presets.add_argument("--recipe", choices=sorted(RECIPES),
+                         help="paper: the paper's optimizer settings (presets.py: AdamW 0.9/0.95, weight decay 0.1, "
+                              "lr 3e-4 cosine to 3e-5, 2000 warmup iterations, clip 1.0) instead of Megatron-LM's "
+                              "defaults; explicit flags override it")
     defaults = TrainingConfig()
     for title, flags in GROUPS.items():
         group = parser.add_argument_group(title)
@@ -311,7 +368,7 @@ def build_parser(prog: str = "pretrain_patch_gpt") -> argparse.ArgumentParser:
             kwargs = dict(flag.kwargs)
             if "type" in kwargs:
                 kwargs["type"] = value_type(flag)
-            default = _get(defaults, flag.path)
+            default = None if flag.name in REQUIRED else _get(defaults, flag.path)
             if flag.negated:
                 default = not default
             if kwargs.get("action") != "store_true":
@@ -319,37 +376,59 @@ def build_parser(prog: str = "pretrain_patch_gpt") -> argparse.ArgumentParser:
             if not {"action", "choices", "metavar"} & kwargs.keys():
                 kwargs["metavar"] = flag.name.lstrip("-").upper().replace("-", "_")  # as Megatron-LM shows them
             shown = f" (default: {default})" if default not in (None, False) and "nargs" not in kwargs else ""
+            if flag.name in REQUIRED:
+                shown = " (required" + (", or --model-preset)" if flag.name in SET_BY_PRESET else ")")
             group.add_argument(flag.name, dest=flag.dest, help=flag.help + shown, **kwargs)
     # Set by the deepspeed launcher; accepted so the same command line works under every launcher.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
+def _closest(flag: str) -> str:
+    ours = ["--model-preset", "--recipe", *(flag.name for flag in FLAGS)]
+    close = difflib.get_close_matches(flag, ours, n=1, cutoff=0.8)
+    return f"{flag} (did you mean {close[0]}?)" if close else flag
+
+
 def unknown_flags_message(unknown: list[str]) -> str:
     """Every unknown flag of a command line in one message, each with the closest flag of ours if one is close."""
-    ours = ["--model-preset", *(flag.name for flag in FLAGS)]
-    described = []
-    for flag in (token.split("=", 1)[0] for token in unknown if token.startswith("-")):
-        close = difflib.get_close_matches(flag, ours, n=1, cutoff=0.8)
-        described.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    described = [_closest(token.split("=", 1)[0]) for token in unknown if token.startswith("-")]
     if not described:
         return f"unexpected arguments: {' '.join(unknown)}"
     return f"{len(described)} unknown flag{'s' if len(described) > 1 else ''}: {', '.join(described)} (see --help)"
 
 
-def parse_args(argv=None, prog: str = "pretrain_patch_gpt") -> TrainingConfig:
+def parse_args(argv=None, prog: str = "pretrain_patch_gpt", required=REQUIRED) -> TrainingConfig:
+    """The TrainingConfig of a command line. Every problem argparse can see (unknown flags, refused Megatron-LM
+    flags, missing `required` ones) is reported together, in one message."""
     parser = build_parser(prog)
     argv = sys.argv[1:] if argv is None else list(argv)
-    preset, _ = parser.parse_known_args(argv)
+    known = {option for action in parser._actions for option in action.option_strings}
+    foreign = megatron_lm.sort_out(argv, lambda flag: flag in known)
+    preset, _ = parser.parse_known_args(foreign.argv)
     if preset.model_preset:
         values = MODEL_PRESETS[preset.model_preset]
         parser.set_defaults(**{f"model__{name}": value for name, value in values.items() if name != "add_bias_linear"},
                             model__add_bias_linear=not values["add_bias_linear"])
-    args, unknown = parser.parse_known_args(argv)
+    if preset.recipe:
+        parser.set_defaults(**{path.replace(".", "__"): value for path, value in RECIPES[preset.recipe].items()})
+    args, unknown = parser.parse_known_args(foreign.argv)
+    problems = []
     if unknown:
-        parser.error(unknown_flags_message(unknown))
+        problems.append(unknown_flags_message(unknown))
+    if foreign.refused:
+        problems.append(f"{len(foreign.refused)} Megatron-LM flag{'s' if len(foreign.refused) > 1 else ''} not "
+                        f"supported here: {foreign.refusals()}")
+    missing = [flag.name for flag in FLAGS if flag.name in required and getattr(args, flag.dest) is None]
+    if missing:
+        hint = " (or --model-preset NAME)" if set(missing) & set(SET_BY_PRESET) else ""
+        problems.append(f"required: {', '.join(missing)}{hint}")
+    if problems:
+        parser.error(" | ".join(problems))
     cfg = TrainingConfig()
     for flag in FLAGS:
         value = getattr(args, flag.dest)
-        _set(cfg, flag.path, (not value) if flag.negated else value)
+        if value is not None or flag.name not in REQUIRED:  # not required here: the field keeps its default
+            _set(cfg, flag.path, (not value) if flag.negated else value)
+    cfg.notices += foreign.notices
     return cfg

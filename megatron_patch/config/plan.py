@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 from megatron_patch.checkpoint.layout import latest_iteration
 from megatron_patch.config.deepspeed import resolve_deepspeed_config
-from megatron_patch.config.schema import ConfigError, TrainingConfig, iterations_for_tokens
+from megatron_patch.config.schema import LR_REQUIRED, ConfigError, TrainingConfig, iterations_for_tokens
 
 PHASE_NAMES = ("phase1", "phase2")
 PER_PHASE_FLAGS = ("phase1_lr", "phase2_lr", "phase1_lr_warmup_iters", "phase2_lr_warmup_iters")  # PlanConfig
@@ -36,7 +36,7 @@ class PhasePlan:
     global_batch_size: int  # samples per step
     train_iters: int
     lr: float
-    lr_warmup_iters: int
+    lr_warmup_iters: float  # fractional from --lr-warmup-samples or --lr-warmup-fraction
     train_data_range: tuple
     save: str
     pretrained_checkpoint: str = None
@@ -78,7 +78,7 @@ class TwoPhasePlan:
             lines.append(
                 f"  {p.name} ({kind}): {p.train_iters} iterations x {p.global_batch_size} samples x {p.seq_length} "
                 f"tokens = {p.tokens} tokens; data [{p.train_data_range[0]:.4f}, {p.train_data_range[1]:.4f}) of "
-                f"the training split; lr {p.lr:g}, warmup {p.lr_warmup_iters}; save {p.save}"
+                f"the training split; lr {p.lr:g}, warmup {p.lr_warmup_iters:g}; save {p.save}"
                 + (f"; weights from {p.pretrained_checkpoint}" if p.pretrained_checkpoint else "")
             )
         lines.append(f"  cost: lambda/K + 1 - lambda = {self.cost:.4f} of token-level training")
@@ -114,11 +114,14 @@ def make_plan(cfg: TrainingConfig) -> TwoPhasePlan:
     if cfg.load or cfg.pretrained_checkpoint:
         raise ConfigError("a two-phase plan resumes from --save's phase directories: drop --load and "
                           "--pretrained-checkpoint")
-    if cfg.optim.lr_decay_iters is not None:
-        raise ConfigError("a two-phase plan decays the LR over each phase's iterations: drop --lr-decay-iters")
+    if cfg.optim.lr_decay_iters is not None or cfg.optim.lr_decay_samples is not None:
+        raise ConfigError("a two-phase plan decays the LR over each phase's iterations: drop --lr-decay-iters/"
+                          "--lr-decay-samples")
+    cfg.schedule_in_iterations()  # samples of the token-level run described; each phase keeps its step count
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
     if (cfg.train_iters is None) == (cfg.train_tokens is None):
-        raise ConfigError("give exactly one of --train-iters and --train-tokens (the budget of both phases)")
+        raise ConfigError("give exactly one of --train-iters, --train-tokens and --train-samples (the budget of "
+                          "both phases)")
     total = cfg.train_iters if cfg.train_iters is not None else iterations_for_tokens(cfg.train_tokens, tokens_per_step)
     phase1_iters = round(fraction * total)
     if not 0 < phase1_iters < total:
@@ -129,18 +132,24 @@ def make_plan(cfg: TrainingConfig) -> TwoPhasePlan:
     boundary = phase1_iters / total
     save = [os.path.join(cfg.save, name) for name in PHASE_NAMES]
     lr = [_override(getattr(cfg.plan, f"phase{n}_lr"), cfg.optim.lr) for n in (1, 2)]
-    warmup = [_override(getattr(cfg.plan, f"phase{n}_lr_warmup_iters"), cfg.optim.lr_warmup_iters) for n in (1, 2)]
+    if None in lr:
+        raise ConfigError(LR_REQUIRED)
+    iters = [phase1_iters, total - phase1_iters]
+    fraction_warmup = cfg.optim.lr_warmup_fraction
+    warmup = [_override(getattr(cfg.plan, f"phase{n}_lr_warmup_iters"),
+                        cfg.optim.lr_warmup_iters if fraction_warmup is None else fraction_warmup * iters[n - 1])
+              for n in (1, 2)]
     phases = [
-        PhasePlan("phase1", k, k * cfg.seq_length, cfg.global_batch_size // k, phase1_iters, lr[0], warmup[0],
+        PhasePlan("phase1", k, k * cfg.seq_length, cfg.global_batch_size // k, iters[0], lr[0], warmup[0],
                   (0.0, boundary), save[0]),
-        PhasePlan("phase2", 1, cfg.seq_length, cfg.global_batch_size, total - phase1_iters, lr[1], warmup[1],
+        PhasePlan("phase2", 1, cfg.seq_length, cfg.global_batch_size, iters[1], lr[1], warmup[1],
                   (boundary, 1.0), save[1], pretrained_checkpoint=save[0]),
     ]
     for n, p in enumerate(phases, 1):
         own = f"--phase{n}-lr-warmup-iters" if getattr(cfg.plan, f"phase{n}_lr_warmup_iters") is not None \
             else "--lr-warmup-iters (per phase)"
         if p.lr_warmup_iters >= p.train_iters:
-            raise ConfigError(f"{own} {p.lr_warmup_iters} must be smaller than {p.name}'s {p.train_iters} iterations")
+            raise ConfigError(f"{own} {p.lr_warmup_iters:g} must be smaller than {p.name}'s {p.train_iters} iterations")
         own = f"--phase{n}-lr" if getattr(cfg.plan, f"phase{n}_lr") is not None else "--lr"
         if p.lr < cfg.optim.min_lr:
             raise ConfigError(f"{own} {p.lr:g} is below --min-lr {cfg.optim.min_lr:g}, where the decay ends")
@@ -157,7 +166,7 @@ def phase_config(cfg: TrainingConfig, phase: PhasePlan) -> TrainingConfig:
     out.plan.patch_fraction = None
     out.patch_size, out.seq_length = phase.patch_size, phase.seq_length
     out.global_batch_size, out.train_iters, out.train_tokens = phase.global_batch_size, phase.train_iters, None
-    out.optim.lr, out.optim.lr_warmup_iters = phase.lr, phase.lr_warmup_iters
+    out.optim.lr, out.optim.lr_warmup_iters, out.optim.lr_warmup_fraction = phase.lr, phase.lr_warmup_iters, None
     out.data.train_data_range = phase.train_data_range
     out.save = out.load = phase.save
     out.pretrained_checkpoint = phase.pretrained_checkpoint

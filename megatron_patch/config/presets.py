@@ -2,8 +2,8 @@
 RoPE, no biases, untied embeddings, no dropout). Explicit flags override a preset's values.
 
 The paper's sizes (Shao et al., 2025; the shapes of its released training scripts): FFN width 8/3 x hidden, rounded
-up to a multiple of 64, as LLaMA does. The optimiser defaults (TrainingConfig) already are the paper's recipe: AdamW
-(0.9, 0.95), lr 3e-4 cosine to 3e-5, 2000 warmup iterations, weight decay 0.1, clip 1.0.
+up to a multiple of 64, as LLaMA does. The defaults of the optimizer flags are Megatron-LM's; `--recipe paper` sets
+the paper's (RECIPES).
 """
 
 from __future__ import annotations
@@ -41,3 +41,12 @@ MODEL_PRESETS = {
 def preset_model(name: str, **overrides) -> ModelConfig:
     """The ModelConfig of a preset, some fields overridden (library users and tests build models from it)."""
     return ModelConfig(**dict(MODEL_PRESETS[name], **overrides))
+
+
+# `--recipe NAME`: TrainingConfig field (dotted) -> value; explicit flags override it.
+RECIPES = {
+    # The paper's optimizer (Shao et al., 2025, section 4.1): AdamW (0.9, 0.95), lr 3e-4 with cosine decay to a tenth,
+    # 2000 warmup iterations, weight decay 0.1, gradient clipping 1.0.
+    "paper": {"optim.lr": 3e-4, "optim.min_lr": 3e-5, "optim.lr_decay_style": "cosine", "optim.lr_warmup_iters": 2000,
+              "optim.weight_decay": 0.1, "optim.adam_beta1": 0.9, "optim.adam_beta2": 0.95, "optim.clip_grad": 1.0},
+}

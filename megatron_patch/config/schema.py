@@ -32,6 +32,9 @@ CKPT_FORMATS = ("torch_dist", "torch")  # Megatron-LM's --ckpt-format values we 
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # what megatron-core recomputes selectively in a dense GPT
 MODEL_CLASSES = ("gpt", "hybrid")  # megatron-core's GPTModel, or its HybridModel (MambaModel before 0.18)
 LOCAL_HYBRID_LAYERS = {"*": "attention", "-": "MLP"}  # what the local (torch) layers build of a hybrid pattern
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")  # megatron-core's scheduler's
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+LR_REQUIRED = "--lr is required (the peak learning rate), as in Megatron-LM; --recipe paper sets the paper's 3e-4"
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
@@ -64,8 +67,12 @@ class ModelConfig:
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
     norm_epsilon: float = 1e-5
-    # Megatron-LM's default is Transformer Engine; here the local (torch) layers, which run anywhere.
-    transformer_impl: str = "local"  # "local" | "transformer_engine"
+    apply_layernorm_1p: bool = False  # norm weights zero-centred (Transformer Engine's norms only)
+    kv_channels: Optional[int] = None  # per-head width; only hidden_size // num_attention_heads here
+    # "local" | "transformer_engine"; None (Megatron-LM's default, resolved with a notice): Transformer Engine when
+    # it imports, else the local (torch) layers, which run anywhere. A model built from an unresolved config
+    # (library use) has the local layers.
+    transformer_impl: Optional[str] = None
     # Megatron-LM's names. Local layers: auto/flash/fused -> attention.SDPAttention (torch's fused kernels),
     # unfused/local -> megatron-core's DotProductAttention. Transformer Engine: handed to megatron-core as is.
     attention_backend: str = "auto"
@@ -92,7 +99,7 @@ class ModelConfig:
     def uses_sdpa(self) -> bool:
         """Whether the local layers' core attention is attention.SDPAttention (else megatron-core's unfused
         DotProductAttention)."""
-        return self.transformer_impl == "local" and self.attention_backend in SDPA_BACKENDS
+        return self.transformer_impl != "transformer_engine" and self.attention_backend in SDPA_BACKENDS
 
 
 @dataclass
@@ -109,6 +116,7 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False  # reduce gradients bucket by bucket while the backward pass runs
     overlap_param_gather: bool = False  # all-gather the updated weights during the next forward pass
+    grad_reduce_in_bf16: bool = False  # with bf16: data-parallel gradient reduction in bf16 (default fp32)
 
 
 @dataclass
@@ -123,7 +131,7 @@ class DataConfig:
     vocab_size: Optional[int] = None
     tokenizer_hf_include_special_tokens: bool = False
     data_cache_path: Optional[str] = None
-    num_workers: int = 0
+    num_workers: int = 2
     # [start, end) fractions of the training split's tokens this phase reads (a plan gives phase 1 [0, lambda)
     # and phase 2 [lambda, 1), so phase 2 continues on data phase 1 has not seen).
     train_data_range: Tuple[float, float] = (0.0, 1.0)
@@ -131,14 +139,26 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    lr_decay_style: str = "cosine"
-    lr_warmup_iters: int = 2000
-    lr_decay_iters: Optional[int] = None  # default: train_iters
-    weight_decay: float = 0.1
+    """Megatron-LM's defaults (its arguments.py); the paper's recipe is `--recipe paper` (presets.RECIPES). Schedule
+    lengths are in iterations; the sample-based flags are converted (`TrainingConfig.schedule_in_iterations`), to
+    fractional iterations where they fall between two, which gives Megatron-LM's sample-based curve exactly."""
+
+    lr: Optional[float] = None  # required, as in Megatron-LM (--recipe paper: 3e-4)
+    min_lr: float = 0.0
+    lr_decay_style: str = "linear"
+    lr_warmup_iters: float = 0
+    lr_warmup_fraction: Optional[float] = None  # warmup = this fraction of the decay steps (of each phase)
+    lr_decay_iters: Optional[float] = None  # default: train_iters
+    lr_warmup_samples: int = 0  # sample-based schedule (with --train-samples)
+    lr_decay_samples: Optional[int] = None
+    lr_wsd_decay_style: str = "exponential"  # WSD: the shape of its final decay
+    lr_wsd_decay_iters: Optional[float] = None  # WSD: iterations of the final decay (the rest stays at --lr)
+    lr_wsd_decay_samples: Optional[int] = None
+    decoupled_lr: Optional[float] = None  # peak LR of the input embedding and output layer (megatron-core's)
+    decoupled_min_lr: Optional[float] = None
+    weight_decay: float = 0.01
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
 
@@ -197,15 +217,20 @@ class TrainingConfig:
     global_batch_size: Optional[int] = None  # default: micro_batch_size * data-parallel size
     train_iters: Optional[int] = None
     train_tokens: Optional[int] = None  # alternative to train_iters: tokens read in this phase
+    train_samples: Optional[int] = None  # Megatron-LM's alternative: samples of seq_length tokens
     seed: int = 1234
     bf16: bool = False
-    log_interval: int = 10
-    eval_interval: int = 1000
-    eval_iters: int = 10
+    log_interval: int = 100
+    eval_interval: Optional[int] = None  # None: validate only at the end of the phase
+    eval_iters: int = 100
     save: Optional[str] = None
     save_interval: Optional[int] = None
     ckpt_format: str = "torch_dist"  # Megatron-LM's --ckpt-format: torch_dist (any layout on load) or torch (legacy)
     load: Optional[str] = None  # resume from here if it holds a checkpoint
+    no_load_optim: bool = False  # --load: weights and iteration; fresh optimizer and LR schedule
+    no_load_rng: bool = False  # --load: this run's random streams, not the saved ones
+    finetune: bool = False  # --load's weights only, from iteration 0 (becomes pretrained_checkpoint; load = save)
+    disable_bf16_reduced_precision_matmul: bool = False  # CUDA: torch.backends.cuda.matmul flag
     pretrained_checkpoint: Optional[str] = None  # weights-only start (phase 2 from phase 1) when nothing to resume
     log_json: Optional[str] = None  # append one JSON line per logged step
     # Megatron-LM's early exits; the loop then saves (with --save) and returns normally (exit code 0).
@@ -213,6 +238,9 @@ class TrainingConfig:
     exit_interval: Optional[int] = None  # stop after an iteration divisible by this
     exit_duration_in_mins: Optional[float] = None  # stop after this much wall time
     check_for_nan_in_loss_and_grad: bool = True  # Megatron-LM's: a non-finite loss or gradient norm stops the run
+    # Lines for the start-up log (flags accepted without effect, defaults chosen for the machine): said once by
+    # rank 0, not part of what the run trains.
+    notices: List[str] = field(default_factory=list)
 
     @property
     def num_patches(self) -> int:
@@ -225,6 +253,7 @@ class TrainingConfig:
     def resolve(self, world_size: int) -> "TrainingConfig":
         """Derive defaults that depend on the launch and check everything; raises ConfigError."""
         self._check_patching()
+        self._check_megatron_lm_options()
         self._check_model_class()
         data_parallel = self._check_layout(world_size)
         self._check_attention()
@@ -247,6 +276,29 @@ class TrainingConfig:
             raise ConfigError(
                 f"--seq-length {self.seq_length} must be a positive multiple of --patch-size {self.patch_size}"
             )
+
+    def _check_megatron_lm_options(self) -> None:
+        """Megatron-LM's default layers, and its flags that take one value here or need another flag."""
+        m, o = self.model, self.optim
+        if m.transformer_impl is None:
+            found = importlib.util.find_spec("transformer_engine") is not None
+            m.transformer_impl = "transformer_engine" if found else "local"
+            self.notices.append(f"--transformer-impl {m.transformer_impl} (Megatron-LM's default is "
+                                f"transformer_engine; Transformer Engine {'imports' if found else 'is not installed'})")
+        head = m.hidden_size // m.num_attention_heads
+        if m.kv_channels is not None and m.kv_channels != head:
+            raise ConfigError(f"--kv-channels {m.kv_channels}: only hidden size / attention heads ({head}) is "
+                              f"supported here")
+        if o.decoupled_min_lr is not None and o.decoupled_lr is None:
+            raise ConfigError("--decoupled-min-lr needs --decoupled-lr")
+        if self.parallel.grad_reduce_in_bf16 and not self.bf16:
+            raise ConfigError("--grad-reduce-in-bf16 needs --bf16 (fp32 training reduces fp32 gradients)")
+        if self.finetune:
+            if not self.load or self.pretrained_checkpoint:
+                raise ConfigError("--finetune starts from --load's weights: give --load and no "
+                                  "--pretrained-checkpoint")
+            # Megatron-LM's meaning, restart-safe: --load's weights start the run, which then resumes from --save.
+            self.pretrained_checkpoint, self.load, self.finetune = self.load, self.save, False
 
     def _check_model_class(self) -> None:
         """The hybrid model's layer pattern: it sets --num-layers (as in Megatron-LM); the local layers build
@@ -312,9 +364,13 @@ class TrainingConfig:
                 f"--tensor-model-parallel-size {p.tensor_model_parallel_size}"
             )
         tp = p.tensor_model_parallel_size
-        if p.sequence_parallel and (tp == 1 or self.num_patches % tp):
+        if p.sequence_parallel and tp == 1:
+            p.sequence_parallel = False
+            self.notices.append("--sequence-parallel turned off: --tensor-model-parallel-size is 1 (as Megatron-LM "
+                                "does)")
+        if p.sequence_parallel and self.num_patches % tp:
             raise ConfigError(
-                f"--sequence-parallel needs --tensor-model-parallel-size > 1 dividing the {self.num_patches} "
+                f"--sequence-parallel needs --tensor-model-parallel-size {tp} to divide the {self.num_patches} "
                 f"positions per sample (seq length / patch size)"
             )
         return self.data_parallel_size(world_size)
@@ -340,6 +396,9 @@ class TrainingConfig:
         if m.transformer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
             raise ConfigError("--transformer-impl transformer_engine needs the transformer_engine package (GPU "
                               "only), which is not installed: use --transformer-impl local")
+        if m.apply_layernorm_1p and m.transformer_impl != "transformer_engine":
+            raise ConfigError("--apply-layernorm-1p needs Transformer Engine's norms (--transformer-impl "
+                              "transformer_engine); the local layers' torch norms have no zero-centred weight")
         if not m.group_query_attention:
             if m.num_query_groups is not None:
                 raise ConfigError(f"--num-query-groups {m.num_query_groups} needs --group-query-attention")
@@ -398,12 +457,50 @@ class TrainingConfig:
                 f"--global-batch-size {self.global_batch_size} is not divisible by --micro-batch-size "
                 f"{self.micro_batch_size} x data-parallel size {data_parallel}"
             )
+        self.schedule_in_iterations()
         if (self.train_iters is None) == (self.train_tokens is None):
-            raise ConfigError("give exactly one of --train-iters and --train-tokens")
+            raise ConfigError("give exactly one of --train-iters, --train-tokens and --train-samples")
         if self.train_iters is None:
             self.train_iters = iterations_for_tokens(self.train_tokens, self.tokens_per_step)
         if self.train_iters < 1:
             raise ConfigError(f"--train-iters must be >= 1, got {self.train_iters}")
+
+    def schedule_in_iterations(self) -> None:
+        """Megatron-LM's sample-based training (--train-samples, --lr-warmup-samples, --lr-decay-samples,
+        --lr-wsd-decay-samples) as iterations of --global-batch-size samples: whole steps for the run (Megatron-LM's
+        floor), fractional ones for the schedule, so the LR curve is Megatron-LM's. Its exclusions are checked;
+        calling this again changes nothing (a plan converts before it splits the run into phases)."""
+        o, batch = self.optim, self.global_batch_size
+        by_samples = {"--lr-warmup-samples": o.lr_warmup_samples or None, "--lr-decay-samples": o.lr_decay_samples,
+                      "--lr-wsd-decay-samples": o.lr_wsd_decay_samples}
+        if self.train_samples is None:
+            given = [flag for flag, value in by_samples.items() if value is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --train-samples (sample-"
+                                  f"based training); with --train-iters give --lr-warmup-iters, --lr-decay-iters, "
+                                  f"--lr-wsd-decay-iters")
+        else:
+            if self.train_iters is not None or self.train_tokens is not None:
+                raise ConfigError("give exactly one of --train-iters, --train-tokens and --train-samples")
+            by_iters = [flag for flag, value in [("--lr-warmup-iters", o.lr_warmup_iters or None),
+                                                 ("--lr-decay-iters", o.lr_decay_iters),
+                                                 ("--lr-wsd-decay-iters", o.lr_wsd_decay_iters)] if value is not None]
+            if by_iters:
+                raise ConfigError(f"--train-samples: give the schedule in samples too (Megatron-LM's rule), not "
+                                  f"{', '.join(by_iters)}")
+            self.train_iters = self.train_samples // batch
+            if self.train_iters < 1:
+                raise ConfigError(f"--train-samples {self.train_samples} is less than one step of "
+                                  f"--global-batch-size {batch} samples")
+            o.lr_warmup_iters = o.lr_warmup_samples / batch
+            o.lr_decay_iters = None if o.lr_decay_samples is None else o.lr_decay_samples / batch
+            o.lr_wsd_decay_iters = None if o.lr_wsd_decay_samples is None else o.lr_wsd_decay_samples / batch
+            self.train_samples, o.lr_warmup_samples, o.lr_decay_samples, o.lr_wsd_decay_samples = None, 0, None, None
+        if o.lr_warmup_fraction is not None:
+            if o.lr_warmup_iters:
+                raise ConfigError("give one of --lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples")
+            if not 0 <= o.lr_warmup_fraction < 1:
+                raise ConfigError(f"--lr-warmup-fraction must be in [0, 1), got {o.lr_warmup_fraction}")
 
     def _check_positions(self) -> None:
         m = self.model
@@ -416,13 +513,30 @@ class TrainingConfig:
             )
 
     def _check_schedule(self) -> None:
-        if self.optim.lr_decay_iters is None:
-            self.optim.lr_decay_iters = self.train_iters
-        if self.optim.lr_warmup_iters >= self.optim.lr_decay_iters:
+        o = self.optim
+        if o.lr is None:
+            raise ConfigError(LR_REQUIRED)
+        if o.lr_decay_iters is None:
+            o.lr_decay_iters = self.train_iters
+        if o.lr_warmup_fraction is not None:
+            o.lr_warmup_iters = o.lr_warmup_fraction * o.lr_decay_iters
+        if o.lr_warmup_iters and o.lr_warmup_iters >= o.lr_decay_iters:
             raise ConfigError(
-                f"--lr-warmup-iters {self.optim.lr_warmup_iters} must be smaller than --lr-decay-iters "
-                f"{self.optim.lr_decay_iters} (default: the phase's iterations)"
+                f"--lr-warmup-iters {o.lr_warmup_iters:g} must be smaller than --lr-decay-iters {o.lr_decay_iters:g} "
+                f"(default: the phase's iterations)"
             )
+        if o.lr_decay_style not in LR_DECAY_STYLES:
+            raise ConfigError(f"--lr-decay-style {o.lr_decay_style}: choose from {', '.join(LR_DECAY_STYLES)}")
+        if o.lr_decay_style == "WSD":
+            if o.lr_wsd_decay_iters is None or not 0 < o.lr_wsd_decay_iters <= o.lr_decay_iters - o.lr_warmup_iters:
+                raise ConfigError(f"--lr-decay-style WSD needs --lr-wsd-decay-iters (or --lr-wsd-decay-samples): the "
+                                  f"final decay, at most the {o.lr_decay_iters - o.lr_warmup_iters:g} iterations "
+                                  f"after warmup; got {o.lr_wsd_decay_iters}")
+            if o.lr_wsd_decay_style not in WSD_DECAY_STYLES:
+                raise ConfigError(f"--lr-wsd-decay-style {o.lr_wsd_decay_style}: choose from "
+                                  f"{', '.join(WSD_DECAY_STYLES)}")
+        elif o.lr_wsd_decay_iters is not None:
+            raise ConfigError("--lr-wsd-decay-iters/--lr-wsd-decay-samples need --lr-decay-style WSD")
         start, end = self.data.train_data_range
         if not 0.0 <= start < end <= 1.0:
             raise ConfigError(f"--train-data-range {start} {end}: need 0 <= start < end <= 1")
@@ -433,16 +547,23 @@ class TrainingConfig:
             raise ConfigError("--deepspeed_config and --zero-stage need --deepspeed")
 
     def _check_files(self) -> None:
+        """The tokenizer, then the data (a launch script's tokenizer is checked even when its data is missing)."""
+        try:
+            kind = TokenizerSpec.of(self.data).type
+            if self.data.vocab_size is not None and kind != "NullTokenizer":
+                # Megatron-LM's scripts pass it with every tokenizer; only NullTokenizer reads it.
+                self.notices.append(f"--vocab-size {self.data.vocab_size}: no effect with {kind} (its vocabulary is "
+                                    f"the tokenizer's)")
+                self.data.vocab_size = None
+            TokenizerSpec.of(self.data).resolved()
+        except TokenizerError as e:
+            raise ConfigError(str(e)) from None
         if not self.data.data_path:
             raise ConfigError("--data-path is required")
         for prefix in parse_blend(self.data.data_path)[0]:
             for suffix in (".bin", ".idx"):
                 if not os.path.isfile(prefix + suffix):
                     raise ConfigError(f"--data-path: {prefix}{suffix} does not exist")
-        try:
-            TokenizerSpec.of(self.data).resolved()
-        except TokenizerError as e:
-            raise ConfigError(str(e)) from None
         if self.pretrained_checkpoint and not layout.has_tracker(self.pretrained_checkpoint):
             raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {layout.TRACKER} there")
 

@@ -97,6 +97,8 @@ class TokenizerSpec:
             return "HuggingFaceTokenizer"
         if model:
             return "SentencePieceTokenizer"
+        if self.vocab_file and self.merge_file:  # Megatron-LM's GPT scripts give only these
+            return "GPT2BPETokenizer"
         raise TokenizerError("no tokenizer: give --tokenizer-model, or --tokenizer-type with its files")
 
     def resolved(self) -> "TokenizerSpec":

@@ -207,7 +207,7 @@ def datasets_for(cfg: TrainingConfig, tokenizer, samples: Optional[list] = None)
 
 def num_samples(cfg: TrainingConfig) -> list:
     """Samples of the train, validation and test datasets a run builds (the validation samples depend on it)."""
-    evals = cfg.train_iters // cfg.eval_interval + 1
+    evals = cfg.train_iters // cfg.eval_interval + 1 if cfg.eval_interval else 1  # None: the final one only
     return [
         cfg.train_iters * cfg.global_batch_size,
         evals * cfg.eval_iters * cfg.global_batch_size,

@@ -84,6 +84,8 @@ def megatron_optimizer_config(cfg: TrainingConfig, params_dtype) -> MegatronOpti
         optimizer="adam",  # megatron-core's Adam applies decoupled weight decay: AdamW
         lr=o.lr,
         min_lr=o.min_lr,
+        decoupled_lr=o.decoupled_lr,  # the embedding and output layer's own peak and final LR
+        decoupled_min_lr=o.decoupled_min_lr,
         weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2,
@@ -96,7 +98,8 @@ def megatron_optimizer_config(cfg: TrainingConfig, params_dtype) -> MegatronOpti
 
 
 def lr_scheduler(optimizer, o: OptimizerConfig) -> OptimizerParamScheduler:
-    """Megatron's LR (and weight-decay) schedule over any optimizer's param_groups; each phase starts a new one."""
+    """Megatron's LR (and weight-decay) schedule over any optimizer's param_groups, stepped once per iteration
+    (resolved lengths: fractional where they came from samples or --lr-warmup-fraction); each phase starts anew."""
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -105,6 +108,8 @@ def lr_scheduler(optimizer, o: OptimizerConfig) -> OptimizerParamScheduler:
         lr_warmup_steps=o.lr_warmup_iters,
         lr_decay_steps=o.lr_decay_iters,
         lr_decay_style=o.lr_decay_style,
+        wsd_decay_steps=o.lr_wsd_decay_iters,
+        lr_wsd_decay_style=o.lr_wsd_decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
         wd_incr_steps=o.lr_decay_iters,

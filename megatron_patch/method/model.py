@@ -164,6 +164,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         ffn_hidden_size=model.ffn_hidden_size,
         normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
+        layernorm_zero_centered_gamma=model.apply_layernorm_1p,
         gated_linear_unit=model.swiglu,
         activation_func=F.silu if model.swiglu else F.gelu,
         add_bias_linear=model.add_bias_linear,
@@ -171,7 +172,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
         num_query_groups=model.query_groups if model.group_query_attention else None,
-        transformer_impl=model.transformer_impl,
+        transformer_impl=model.transformer_impl or "local",
         # Only Transformer Engine reads it (megatron-core sets TE's NVTE_* kernel switches from it); the local
         # layers' choice is made in layer_specs.
         attention_backend=AttnBackend[model.attention_backend] if model.transformer_impl == "transformer_engine"

@@ -121,7 +121,8 @@ class DeepSpeedCheckpointManager(CheckpointManager):
         # DeepSpeed's own reader unpickles with weights_only=False: every file it reads goes through ours instead.
         engine.checkpoint_engine.load = lambda path, map_location=None: storage.read(
             path, deepspeed_safe_globals(), map_location)
-        _, client_state = engine.load_checkpoint(self.cfg.load, tag=tag, load_lr_scheduler_states=False)
+        _, client_state = engine.load_checkpoint(self.cfg.load, tag=tag, load_lr_scheduler_states=False,
+                                                 load_optimizer_states=not self.cfg.no_load_optim)
         trainer.restore_training_state(client_state)
 
 

@@ -74,7 +74,8 @@ class MegatronEngine(Engine):
                 chunk = Float16Module(chunk.config, chunk)
             self.chunks.append(DistributedDataParallel(
                 config,
-                DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+                DistributedDataParallelConfig(grad_reduce_in_fp32=not p.grad_reduce_in_bf16,
+                                              overlap_grad_reduce=p.overlap_grad_reduce,
                                               use_distributed_optimizer=p.use_distributed_optimizer,
                                               overlap_param_gather=p.overlap_param_gather),
                 chunk,

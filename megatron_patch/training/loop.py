@@ -106,7 +106,7 @@ def _train(trainer: Trainer, train_ds, validation: list, phase_log: PhaseLog) ->
         stats = trainer.train_step(data)
         stats["iteration"] = trainer.iteration
         phase_log.step(stats, time.perf_counter() - started)
-        if validation and trainer.iteration % cfg.eval_interval == 0:
+        if validation and cfg.eval_interval and trainer.iteration % cfg.eval_interval == 0:
             _validate(trainer, validation, phase_log)
             validated_at = trainer.iteration
         if cfg.save and cfg.save_interval and trainer.iteration % cfg.save_interval == 0:

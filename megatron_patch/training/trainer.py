@@ -40,6 +40,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainingConfig, engine_class=MegatronEngine):
         self.cfg = cfg
+        if cfg.disable_bf16_reduced_precision_matmul:  # Megatron-LM's flag; read by CUDA's bf16 GEMMs only
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         self.tokenizer = build_tokenizer(TokenizerSpec.of(cfg.data))
         self.run_description = describe_run(cfg, dataset_sizes(*parse_blend(cfg.data.data_path)))
         self.checkpoints = engine_class.checkpoint_manager(cfg, self.run_description)
@@ -140,9 +142,12 @@ class Trainer:
         }
 
     def restore_training_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        """Counters, compute axis, and (unless --no-load-optim / --no-load-rng) the LR schedule and RNG streams.
+        A fresh schedule restarts its warmup, as in Megatron-LM."""
+        if not self.cfg.no_load_optim:
+            self.scheduler.load_state_dict(state["opt_param_scheduler"])
         self.iteration, self.consumed_samples = state["iteration"], state["consumed_samples"]
-        if "rng_state" in state:
+        if "rng_state" in state and not self.cfg.no_load_rng:
             parallel.set_rng_states(state["rng_state"])
         # Checkpoints from before the compute axis: this phase's own steps.
         self.compute = dict(state.get("compute") or {"tokens": self.iteration * self.cfg.tokens_per_step,

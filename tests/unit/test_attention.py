@@ -206,7 +206,8 @@ def test_recompute_gives_the_losses_and_gradients_of_none(megatron_process, sett
 # -- configuration ------------------------------------------------------------------------------------------------
 def _args(*flags):
     return ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
-            "--patch-size", "4", "--micro-batch-size", "2", "--train-iters", "10", "--lr-warmup-iters", "1",
+            "--patch-size", "4", "--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3",
+            "--lr-warmup-iters", "1",
             "--data-path", "/nonexistent/corpus", "--tokenizer-model", "/nonexistent/tok.model", *flags]
 
 
@@ -255,18 +256,19 @@ def test_inconsistent_settings_are_one_line_errors(world, flags, message):
     (1, ["--attention-backend", "unfused"]),
 ])
 def test_consistent_settings_pass_the_model_checks(world, flags):
-    """They get as far as the data files (checked last)."""
-    with pytest.raises(ConfigError, match="--data-path: /nonexistent/corpus.bin does not exist"):
+    """They get as far as the files (the tokenizer's, checked before the data's)."""
+    with pytest.raises(ConfigError, match="--tokenizer-model: no such file: /nonexistent/tok.model"):
         parse_args(_args(*flags)).resolve(world)
 
 
 def test_flags_fill_the_model_config_and_have_help():
     cfg = parse_args(_args("--attention-backend", "flash", "--group-query-attention", "--num-query-groups", "2",
                            "--recompute-granularity", "selective", "--recompute-modules", "mlp")).model
-    assert (cfg.attention_backend, cfg.transformer_impl, cfg.query_groups) == ("flash", "local", 2)
+    assert (cfg.attention_backend, cfg.transformer_impl, cfg.query_groups) == ("flash", None, 2)
     assert (cfg.recompute_granularity, cfg.recompute_modules) == ("selective", ["mlp"])
     defaults = parse_args(_args()).model
-    assert (defaults.attention_backend, defaults.transformer_impl, defaults.query_groups) == ("auto", "local", 4)
+    # Megatron-LM's default implementation: Transformer Engine when it imports (resolve() decides and says so).
+    assert (defaults.attention_backend, defaults.transformer_impl, defaults.query_groups) == ("auto", None, 4)
     assert defaults.uses_sdpa and not dataclasses.replace(defaults, attention_backend="local").uses_sdpa
     text = " ".join(build_parser().format_help().split())
     for flag in ("--transformer-impl", "--attention-backend", "--group-query-attention", "--num-query-groups",

@@ -11,7 +11,7 @@ from megatron_patch.config.schema import ConfigError
 
 def _args(corpus, *flags, budget=("--train-iters", "10")):
     return ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
-            "--patch-size", "4", "--micro-batch-size", "2", *budget, "--lr-warmup-iters", "1",
+            "--patch-size", "4", "--micro-batch-size", "2", *budget, "--lr", "1e-3", "--lr-warmup-iters", "1",
             "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"], *flags]
 
 
@@ -23,13 +23,12 @@ def _args(corpus, *flags, budget=("--train-iters", "10")):
     (3, ["--tensor-model-parallel-size", "2"], "world size 3 is not divisible by tensor x pipeline parallel size 2"),
     (4, ["--tensor-model-parallel-size", "2", "--global-batch-size", "6"],
      "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
-    (1, ["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "12"],
-     "dividing the 3 positions per sample"),
+     "--tensor-model-parallel-size 2 to divide the 3 positions per sample"),
     (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
      "must divide the 2 layers of each stage"),
     (1, ["--lr-warmup-iters", "10"], "--lr-warmup-iters 10 must be smaller than --lr-decay-iters 10"),
-    (1, ["--train-tokens", "1000"], "give exactly one of --train-iters and --train-tokens"),
+    (1, ["--train-tokens", "1000"], "give exactly one of --train-iters, --train-tokens and --train-samples"),
     (1, ["--pretrained-checkpoint", "/nonexistent"], f"/nonexistent: no {TRACKER}"),
 ])
 def test_inconsistent_settings_are_rejected(corpus, world, flags, message):
@@ -48,12 +47,13 @@ def test_derived_values(corpus):
 
 
 def test_a_preset_sets_the_model_and_explicit_flags_win():
-    cfg = parse_args(["--model-preset", "paper-1.3b", "--num-layers", "12", "--no-untie-embeddings-and-output-weights"])
+    cfg = parse_args(["--model-preset", "paper-1.3b", "--num-layers", "12", "--no-untie-embeddings-and-output-weights"],
+                     required=())
     m = cfg.model
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size) == (12, 2048, 16, 5504)
     assert (m.normalization, m.swiglu, m.position_embedding_type, m.add_bias_linear) == ("RMSNorm", True, "rope", False)
     assert not m.untie_embeddings_and_output_weights and m.hidden_dropout == 0.0
-    plain = parse_args([]).model  # no preset: Megatron-LM's GPT-2-style defaults
+    plain = parse_args([], required=()).model  # no preset: Megatron-LM's GPT-2-style defaults
     assert (plain.normalization, plain.swiglu, plain.add_bias_linear) == ("LayerNorm", False, True)
 
 
@@ -69,15 +69,16 @@ def test_help_lists_every_flag_with_a_text_in_its_group(capsys):
 
 def test_every_unknown_flag_is_named_in_one_message_with_its_closest_flag(capsys):
     with pytest.raises(SystemExit) as exit_code:
-        parse_args(["--hiden-size", "64", "--use-flash-attn", "--lr-decay-iter=10", "--seq-length", "64"])
+        parse_args(["--hiden-size", "64", "--use-flash-attn", "--lr-decay-iter=10", "--seq-length", "64",
+                    "--flash-attention"], required=())
     assert exit_code.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "pretrain_patch_gpt: error: 3 unknown flags: --hiden-size (did you mean --hidden-size?), --use-flash-attn, "
-        "--lr-decay-iter (did you mean --lr-decay-iters?) (see --help)"]
+        "pretrain_patch_gpt: error: 3 unknown flags: --hiden-size (did you mean --hidden-size?), --lr-decay-iter (did "
+        "you mean --lr-decay-iters?), --flash-attention (see --help)"]
 
 
 def test_a_flag_is_never_taken_for_a_longer_one_it_starts():
     """argparse's abbreviations would read Megatron-LM's --seq (or any prefix) as one of our flags."""
     with pytest.raises(SystemExit):
-        parse_args(["--seq-len", "64"])
-    assert parse_args(["--seq-length", "64"]).seq_length == 64
+        parse_args(["--seq-len", "64"], required=())
+    assert parse_args(["--seq-length", "64"], required=()).seq_length == 64

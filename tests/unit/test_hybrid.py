@@ -83,7 +83,8 @@ def test_pattern_equivalent_to_gpt_layers_gives_gpt_loss(megatron_process, k):
 ])
 def test_patterns_the_local_layers_cannot_build_are_refused_in_one_line(pattern, message, tmp_path):
     result = run([PYTHON, "pretrain_patch_gpt.py", "--model-preset", "tiny", "--hybrid-layer-pattern", pattern,
-                  "--seq-length", "64", "--train-iters", "1", "--data-path", str(tmp_path / "none"),
+                  "--seq-length", "64", "--micro-batch-size", "1", "--train-iters", "1",
+                  "--data-path", str(tmp_path / "none"),
                   "--tokenizer-model", str(tmp_path / "none.model")], check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from helpers import PYTHON, TINY, run
-from megatron_patch.config.flags import parse_args
+from megatron_patch.config.flags import PLAN_REQUIRED, parse_args
 from megatron_patch.config.plan import make_plan, phase_config, phases_to_run
 from megatron_patch.config.schema import ConfigError
 from megatron_patch.training import json_log
@@ -14,13 +14,19 @@ from megatron_patch.training import json_log
 
 def _plan_args(*flags, k=4, fraction=2 / 3, seq=2048, batch=1024, budget=("--train-iters", "3000")):
     return ["--patch-size", str(k), "--patch-fraction", str(fraction), "--seq-length", str(seq),
-            "--global-batch-size", str(batch), *budget, "--lr-warmup-iters", "20", "--save", "ckpt", *flags]
+            "--global-batch-size", str(batch), *budget, "--lr", "3e-4", "--lr-warmup-iters", "20", "--save", "ckpt",
+            *flags]
+
+
+def _parsed(*flags, **kwargs):
+    """The config tools/plan.py reads from _plan_args (no model flags needed)."""
+    return parse_args(_plan_args(*flags, **kwargs), required=PLAN_REQUIRED)
 
 
 def test_paper_recipe():
     """K=4, lambda=2/3: phase 1 reads 256 samples of 8192 tokens (2048 patches), phase 2 1024 samples of 2048
     tokens, the same 2M tokens per step, at half the cost of token-level training."""
-    plan = make_plan(parse_args(_plan_args(budget=("--train-tokens", str(3000 * 1024 * 2048)))))
+    plan = make_plan(_parsed(budget=("--train-tokens", str(3000 * 1024 * 2048))))
     p1, p2 = plan.phases
     assert (p1.patch_size, p1.seq_length, p1.global_batch_size, p1.train_iters) == (4, 8192, 256, 2000)
     assert (p2.patch_size, p2.seq_length, p2.global_batch_size, p2.train_iters) == (1, 2048, 1024, 1000)
@@ -34,8 +40,8 @@ def test_paper_recipe():
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 2 / 3, 0.9])
 @pytest.mark.parametrize("iters", [7, 100, 12345])
 def test_budget_is_split_in_whole_iterations(k, fraction, iters):
-    plan = make_plan(parse_args(_plan_args("--lr-warmup-iters", "0", k=k, fraction=fraction, batch=64,
-                                           budget=("--train-iters", str(iters)))))
+    plan = make_plan(_parsed("--lr-warmup-iters", "0", k=k, fraction=fraction, batch=64,
+                             budget=("--train-iters", str(iters))))
     p1, p2 = plan.phases
     assert p1.train_iters + p2.train_iters == iters
     assert abs(p1.train_iters - fraction * iters) <= 0.5  # the nearest whole number of iterations
@@ -46,13 +52,13 @@ def test_budget_is_split_in_whole_iterations(k, fraction, iters):
 
 
 def test_token_budget_rounds_up_to_whole_steps():
-    plan = make_plan(parse_args(_plan_args("--lr-warmup-iters", "0", seq=100, batch=8,
-                                           budget=("--train-tokens", "10001"))))
+    plan = make_plan(_parsed("--lr-warmup-iters", "0", seq=100, batch=8,
+                             budget=("--train-tokens", "10001")))
     assert plan.total_iters == 13  # 10001 tokens / 800 per step
 
 
 def test_each_phase_is_an_ordinary_phase_config():
-    cfg = parse_args(_plan_args("--log-json", "logs/run.jsonl"))
+    cfg = _parsed("--log-json", "logs/run.jsonl")
     p1, p2 = (phase_config(cfg, p) for p in make_plan(cfg).phases)
     assert (p1.patch_size, p1.seq_length, p1.global_batch_size, p1.save, p1.load) == (
         4, 8192, 256, "ckpt/phase1", "ckpt/phase1")
@@ -70,21 +76,22 @@ def test_each_phase_is_an_ordinary_phase_config():
     (_plan_args("--lr-decay-iters", "100"), "drop --lr-decay-iters"),
     (_plan_args("--lr-warmup-iters", "1000"), "--lr-warmup-iters (per phase) 1000 must be smaller than phase2's"),
     (_plan_args("--phase1-lr-warmup-iters", "2000"), "--phase1-lr-warmup-iters 2000 must be smaller than phase1's"),
-    (_plan_args("--phase2-lr", "1e-5"), "--phase2-lr 1e-05 is below --min-lr 3e-05"),
+    (_plan_args("--phase2-lr", "1e-5", "--min-lr", "3e-5"), "--phase2-lr 1e-05 is below --min-lr 3e-05"),
     ([a for a in _plan_args() if a not in ("--save", "ckpt")], "a two-phase plan needs --save"),
 ])
 def test_bad_plans_are_config_errors(flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        make_plan(parse_args(flags))
+        make_plan(parse_args(flags, required=PLAN_REQUIRED))
 
 
 def test_each_phase_can_have_its_own_peak_lr_and_warmup():
-    cfg = parse_args(_plan_args("--lr", "1e-3", "--phase1-lr", "2e-3", "--phase2-lr-warmup-iters", "0"))
+    cfg = _parsed("--lr", "1e-3", "--phase1-lr", "2e-3",
+                  "--phase2-lr-warmup-iters", "0")
     p1, p2 = (phase_config(cfg, p) for p in make_plan(cfg).phases)
     assert (p1.optim.lr, p1.optim.lr_warmup_iters) == (2e-3, 20)  # its own LR, the run's warmup
     assert (p2.optim.lr, p2.optim.lr_warmup_iters) == (1e-3, 0)  # the run's LR, its own warmup
     with pytest.raises(ConfigError, match=r"^--phase2-lr sets a phase of a two-phase plan: give --patch-fraction"):
-        phases_to_run(parse_args(["--train-iters", "10", "--phase2-lr", "1e-3"]), 1)
+        phases_to_run(parse_args(["--train-iters", "10", "--phase2-lr", "1e-3"], required=()), 1)
 
 
 def test_plan_cli_prints_the_plan():

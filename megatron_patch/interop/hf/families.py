@@ -325,7 +325,7 @@ def model_of_hf(c: PretrainedConfig) -> ModelConfig:
             normalization="RMSNorm", swiglu=True, position_embedding_type="rope", rotary_base=int(theta),
             add_bias_linear=bool(c.attention_bias), untie_embeddings_and_output_weights=not c.tie_word_embeddings,
             hidden_dropout=0.0, attention_dropout=float(c.attention_dropout), init_method_std=c.initializer_range,
-            norm_epsilon=c.rms_norm_eps)
+            norm_epsilon=c.rms_norm_eps, transformer_impl="local")  # the weight names written are the local layers'
     if c.activation_function != "gelu":
         refuse(f"activation_function={c.activation_function!r} (our GELU is exact: 'gelu')")
     if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx or c.add_cross_attention:
@@ -336,4 +336,4 @@ def model_of_hf(c: PretrainedConfig) -> ModelConfig:
         normalization="LayerNorm", swiglu=False, position_embedding_type="learned_absolute",
         add_bias_linear=True, untie_embeddings_and_output_weights=not c.tie_word_embeddings,
         hidden_dropout=float(c.resid_pdrop), attention_dropout=float(c.attn_pdrop),
-        init_method_std=c.initializer_range, norm_epsilon=c.layer_norm_epsilon)
+        init_method_std=c.initializer_range, norm_epsilon=c.layer_norm_epsilon, transformer_impl="local")

@@ -1,0 +1,163 @@
+"""What Megatron-LM's flags do here: sample-based schedules give Megatron-LM's sample-based LR curve, warmup
+fractions and WSD follow megatron-core's scheduler, --recipe paper is the paper's optimizer, --decoupled-lr gives
+the embedding and output layer their own LR, --no-load-optim / --no-load-rng / --finetune resume what they say."""
+
+import math
+
+import pytest
+import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from helpers import PYTHON, phase_flags, run
+from megatron_patch.config.flags import PLAN_REQUIRED, parse_args
+from megatron_patch.config.plan import make_plan, phase_config
+from megatron_patch.config.schema import ConfigError
+from megatron_patch.distributed.step import lr_scheduler
+from megatron_patch.training.trainer import Trainer
+
+
+def _config(corpus, *flags):
+    argv = ["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "8", "--global-batch-size", "8",
+            "--lr", "1e-3", "--min-lr", "1e-4", "--data-path", corpus["aligned4"], "--tokenizer-model",
+            corpus["tokenizer"], *flags]
+    return parse_args(argv).resolve(world_size=1)
+
+
+def _lrs(optim, steps):
+    """The LR of each of `steps` iterations under the scheduler the trainer builds from `optim`."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    scheduler = lr_scheduler(optimizer, optim)
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(increment=1)
+    return out
+
+
+@pytest.mark.parametrize("warmup,decay", [(16, 64), (20, 70)])  # whole iterations of 8 samples, and between them
+def test_a_sample_based_schedule_is_megatron_lm_s(corpus, warmup, decay):
+    cfg = _config(corpus, "--train-samples", "84", "--lr-warmup-samples", str(warmup), "--lr-decay-samples",
+                  str(decay), "--lr-decay-style", "cosine")
+    assert cfg.train_iters == 10  # 84 // 8, Megatron-LM's floor
+    # Megatron-LM's own sample-based scheduler: steps counted in samples, stepped by the global batch.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    megatron = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=warmup,
+                                       lr_decay_steps=decay, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
+                                       wd_incr_steps=84, wd_incr_style="constant")
+    expected = []
+    for _ in range(10):
+        expected.append(optimizer.param_groups[0]["lr"])
+        megatron.step(increment=8)
+    assert _lrs(cfg.optim, 10) == pytest.approx(expected, rel=1e-12)
+    if warmup % 8 == 0:  # whole iterations: the same as the iteration-based flags
+        by_iters = _config(corpus, "--train-iters", "10", "--lr-warmup-iters", str(warmup // 8), "--lr-decay-iters",
+                           str(decay // 8), "--lr-decay-style", "cosine")
+        assert _lrs(by_iters.optim, 10) == pytest.approx(expected, rel=1e-12)
+
+
+def test_wsd_holds_the_peak_then_decays_over_its_last_iterations(corpus):
+    cfg = _config(corpus, "--train-iters", "12", "--lr-warmup-iters", "2", "--lr-decay-style", "WSD",
+                  "--lr-wsd-decay-iters", "4", "--lr-wsd-decay-style", "linear")
+    lrs = _lrs(cfg.optim, 13)
+    expected = [0.0, 5e-4] + [1e-3] * 7 + [1e-4 + (1 - k / 4) * 9e-4 for k in range(1, 5)]  # decay over 9..12
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    isr = _lrs(_config(corpus, "--train-iters", "12", "--lr-warmup-iters", "4",
+                       "--lr-decay-style", "inverse-square-root").optim, 13)
+    assert isr[4:] == pytest.approx([max(1e-4, 1e-3 * math.sqrt(4 / n)) for n in range(4, 13)], rel=1e-12)
+
+
+def test_a_warmup_fraction_is_of_each_phase(corpus):
+    single = _config(corpus, "--train-iters", "40", "--lr-warmup-fraction", "0.1")
+    assert single.optim.lr_warmup_iters == pytest.approx(4)
+    cfg = parse_args(["--patch-size", "4", "--patch-fraction", "0.75", "--seq-length", "32", "--global-batch-size",
+                      "8", "--train-samples", "320", "--lr", "1e-3", "--lr-warmup-fraction", "0.1", "--save", "c"],
+                     required=PLAN_REQUIRED)
+    plan = make_plan(cfg)
+    assert [p.train_iters for p in plan.phases] == [30, 10]  # 320 samples of 8 per step
+    assert [phase_config(cfg, p).optim.lr_warmup_iters for p in plan.phases] == pytest.approx([3, 1])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--train-iters", "10", "--lr-warmup-samples", "8"], "--lr-warmup-samples needs --train-samples"),
+    (["--train-samples", "80", "--lr-decay-iters", "5"], "--train-samples: give the schedule in samples too"),
+    (["--train-samples", "80", "--train-iters", "10"], "give exactly one of --train-iters, --train-tokens and"),
+    (["--train-samples", "4"], "--train-samples 4 is less than one step of --global-batch-size 8"),
+    (["--train-iters", "10", "--lr-warmup-iters", "2", "--lr-warmup-fraction", "0.1"],
+     "give one of --lr-warmup-fraction and --lr-warmup-iters"),
+    (["--train-iters", "10", "--lr-decay-style", "WSD"], "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
+    (["--train-iters", "10", "--lr-wsd-decay-iters", "3"], "--lr-wsd-decay-iters/--lr-wsd-decay-samples need"),
+    (["--train-iters", "10", "--decoupled-min-lr", "1e-5"], "--decoupled-min-lr needs --decoupled-lr"),
+    (["--train-iters", "10", "--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 needs --bf16"),
+    (["--train-iters", "10", "--kv-channels", "32"], "--kv-channels 32: only hidden size / attention heads (16)"),
+    (["--train-iters", "10", "--finetune"], "--finetune starts from --load's weights"),
+])
+def test_inconsistent_megatron_lm_flags_are_one_line_errors(corpus, flags, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _config(corpus, *flags)
+
+
+def test_the_paper_recipe_is_opt_in_and_explicit_flags_win():
+    megatron = parse_args([], required=()).optim
+    paper = parse_args(["--recipe", "paper", "--lr-warmup-iters", "10"], required=()).optim
+    assert (megatron.lr, megatron.lr_decay_style, megatron.lr_warmup_iters, megatron.weight_decay,
+            megatron.adam_beta2, megatron.min_lr) == (None, "linear", 0, 0.01, 0.999, 0.0)
+    assert (paper.lr, paper.lr_decay_style, paper.lr_warmup_iters, paper.weight_decay, paper.adam_beta1,
+            paper.adam_beta2, paper.min_lr, paper.clip_grad) == (3e-4, "cosine", 10, 0.1, 0.9, 0.95, 3e-5, 1.0)
+
+
+def test_decoupled_lr_is_the_embedding_and_output_layer_s(megatron_process, corpus):
+    trainer = Trainer(_config(corpus, "--train-iters", "4", "--decoupled-lr", "5e-3", "--decoupled-min-lr", "5e-4"))
+    groups = trainer.optimizer.param_groups
+    embedding = {id(p) for model in trainer.models for name, p in model.named_parameters()
+                 if "embedding" in name or "output_layer" in name}
+    assert embedding
+    for group in groups:
+        in_embedding = {id(p) for p in group["params"]} & embedding
+        assert bool(in_embedding) == (group["max_lr"] == 5e-3), group["max_lr"]
+        assert group["min_lr"] == (5e-4 if in_embedding else 1e-4)
+
+
+@pytest.fixture(scope="module")
+def saved(corpus, tmp_path_factory):
+    """A 2-step run of the tiny model with its checkpoint."""
+    out = tmp_path_factory.mktemp("saved_for_load_flags")
+    flags = phase_flags(corpus, out, 4, ["--save", str(out / "ckpt")], steps=2)
+    run([PYTHON, "pretrain_patch_gpt.py", *flags])
+    return flags, str(out / "ckpt")
+
+
+def _adam_moments(trainer) -> bool:
+    """Whether the optimizer holds Adam moments that are not all zero."""
+    inners = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    return any(t.any() for inner in inners for state in inner.optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_no_load_optim_and_no_load_rng_resume_the_weights_only(megatron_process, corpus, tmp_path, ckpt_format):
+    out = tmp_path / "run"
+    flags = phase_flags(corpus, out, 4, ["--save", str(out / "ckpt"), "--ckpt-format", ckpt_format], steps=2)
+    run([PYTHON, "pretrain_patch_gpt.py", *flags])
+    resumed = Trainer(parse_args([*flags, "--load", str(out / "ckpt"), "--train-iters", "4"]).resolve(1))
+    resumed.load()
+    fresh = Trainer(parse_args([*flags, "--load", str(out / "ckpt"), "--train-iters", "4", "--no-load-optim",
+                                "--no-load-rng"]).resolve(1))
+    torch.manual_seed(7)  # the RNG stream --no-load-rng keeps
+    stream = torch.get_rng_state()
+    fresh.load()
+    assert fresh.iteration == resumed.iteration == 2
+    for a, b in zip(fresh.models[0].state_dict().values(), resumed.models[0].state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+    assert fresh.scheduler.num_steps == 0 and resumed.scheduler.num_steps == 2
+    assert not _adam_moments(fresh) and _adam_moments(resumed)
+    assert torch.equal(torch.get_rng_state(), stream)
+
+
+def test_finetune_starts_from_load_s_weights_at_iteration_0(megatron_process, saved, tmp_path):
+    flags, ckpt = saved
+    cfg = parse_args([*flags, "--load", ckpt, "--finetune", "--save", str(tmp_path / "ft")]).resolve(1)
+    assert (cfg.pretrained_checkpoint, cfg.load) == (ckpt, str(tmp_path / "ft"))  # a restart resumes the finetune
+    trainer = Trainer(cfg)
+    trainer.load()
+    assert trainer.iteration == 0 and trainer.scheduler.num_steps == 0

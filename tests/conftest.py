@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from helpers import PYTHON, free_port, run, train_losses
+from helpers import PYTHON, free_port, phase_flags, run, train_losses
 from megatron_patch.config.schema import ParallelConfig
 from megatron_patch.distributed import parallel
 
@@ -49,6 +49,15 @@ def start_checkpoint(corpus, tmp_path_factory):
     train_losses(corpus, out, 4, 1, ["--num-layers", "4", "--lr-warmup-iters", "0", "--save", str(out / "ckpt")],
                  steps=1)
     return str(out / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def saved(corpus, tmp_path_factory):
+    """(flags, checkpoint directory) of a 2-step run of the tiny model, for tests that only read it."""
+    out = tmp_path_factory.mktemp("saved")
+    flags = phase_flags(corpus, out, 4, ["--save", str(out / "ckpt")], steps=2)
+    run([PYTHON, "pretrain_patch_gpt.py", *flags])
+    return flags, str(out / "ckpt")
 
 
 @pytest.fixture(scope="session")

@@ -17,15 +17,6 @@ from megatron_patch.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def saved(corpus, tmp_path_factory):
-    """A 2-step run of the tiny model with its checkpoint."""
-    out = tmp_path_factory.mktemp("saved")
-    flags = phase_flags(corpus, out, 4, ["--save", str(out / "ckpt")], steps=2)
-    run([PYTHON, "pretrain_patch_gpt.py", *flags])
-    return flags, str(out / "ckpt")
-
-
-@pytest.fixture(scope="module")
 def other_tokenizer(corpus, tmp_path_factory):
     """A tokenizer of the same size trained on other text: ids mean other things."""
     out = tmp_path_factory.mktemp("other_tok")

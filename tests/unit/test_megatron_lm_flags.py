@@ -117,15 +117,6 @@ def test_decoupled_lr_is_the_embedding_and_output_layer_s(megatron_process, corp
         assert group["min_lr"] == (5e-4 if in_embedding else 1e-4)
 
 
-@pytest.fixture(scope="module")
-def saved(corpus, tmp_path_factory):
-    """A 2-step run of the tiny model with its checkpoint."""
-    out = tmp_path_factory.mktemp("saved_for_load_flags")
-    flags = phase_flags(corpus, out, 4, ["--save", str(out / "ckpt")], steps=2)
-    run([PYTHON, "pretrain_patch_gpt.py", *flags])
-    return flags, str(out / "ckpt")
-
-
 def _adam_moments(trainer) -> bool:
     """Whether the optimizer holds Adam moments that are not all zero."""
     inners = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])

@@ -25,7 +25,7 @@ from megatron_patch.errors import OneLineErrorParser, one_line_errors
 from megatron_patch.interop.hf import convert, families, files
 
 PROG = "export_hf.py"
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", metavar="OUT", help="HF model directory to write")
     parser.add_argument("--iteration", type=int, help="another saved iteration than the tracker's")
     parser.add_argument("--dtype", choices=sorted(DTYPES),
-                        help="weights' dtype (default: bf16 for a --bf16 run, else fp32)")
+                        help="weights' dtype (default: the run's: bf16 for --bf16, fp16 for --fp16, else fp32)")
     add_tokenizer_arguments(parser.add_argument_group("tokenizer (default: the run's; flags given replace its own)"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     return parser
@@ -55,7 +55,7 @@ def export(args) -> str:
         raise convert.ExportError(f"the {tokenizer.spec.type} given is not the tokenizer {saved.root} was "
                                     "trained with (its fingerprint differs)")
     vocab_size, special_tokens = tokenizer.vocab_size, tokenizer.hf_special_ids()
-    dtype = DTYPES[args.dtype or ("bf16" if saved.config.get("bf16") else "fp32")]
+    dtype = DTYPES[args.dtype or next((name for name in ("bf16", "fp16") if saved.config.get(name)), "fp32")]
     full = saved.full_weights()
     rows = full[families.EMBEDDING].size(0)
     state, config = convert.megatron_to_hf(full, model, vocab_size, special_tokens)

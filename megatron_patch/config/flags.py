@@ -159,6 +159,9 @@ GROUPS = {
              "samples too)", dict(type=int)),
         Flag("--seed", "seed", "random seed (weights, data order, dropout)", dict(type=int)),
         Flag("--bf16", "bf16", "bf16 weights and activations, fp32 master weights", dict(action="store_true")),
+        Flag("--fp16", "fp16", "fp16 weights and activations, fp32 master weights, loss scaling (dynamic unless "
+             "--loss-scale): a step whose gradients overflow is skipped and the scale halves",
+             dict(action="store_true")),
         Flag("--disable-bf16-reduced-precision-matmul", "disable_bf16_reduced_precision_matmul",
              "CUDA: no reduced-precision reductions in bf16 matmuls (torch.backends.cuda.matmul)",
              dict(action="store_true")),
@@ -219,6 +222,17 @@ GROUPS = {
         Flag("--adam-beta2", "optim.adam_beta2", "Adam beta2", dict(type=float)),
         Flag("--adam-eps", "optim.adam_eps", "Adam epsilon", dict(type=float)),
         Flag("--clip-grad", "optim.clip_grad", "clip the global gradient norm to this", dict(type=float)),
+        Flag("--loss-scale", "optim.loss_scale", "--fp16: a static loss scale instead of the dynamic one",
+             dict(type=float)),
+        Flag("--initial-loss-scale", "optim.initial_loss_scale", "--fp16: the dynamic loss scale's start",
+             dict(type=float)),
+        Flag("--min-loss-scale", "optim.min_loss_scale",
+             "--fp16: the dynamic loss scale's floor; gradients that overflow even there stop the run",
+             dict(type=float)),
+        Flag("--loss-scale-window", "optim.loss_scale_window",
+             "--fp16: steps without overflow before the dynamic loss scale doubles", dict(type=int)),
+        Flag("--hysteresis", "optim.hysteresis", "--fp16: overflowing steps before the dynamic loss scale halves",
+             dict(type=int)),
     ],
     "logging and evaluation": [
         Flag("--log-interval", "log_interval", "iterations between log lines", dict(type=int)),
@@ -307,7 +321,8 @@ VALUE_TYPES = {
     "--hidden-dropout": probability, "--attention-dropout": probability, "--adam-beta1": probability,
     "--adam-beta2": probability,
     "--init-method-std": positive_float, "--norm-epsilon": positive_float, "--adam-eps": positive_float,
-    "--exit-duration-in-mins": positive_float, "--peak-tflops": positive_float,
+    "--exit-duration-in-mins": positive_float, "--peak-tflops": positive_float, "--loss-scale": positive_float,
+    "--initial-loss-scale": positive_float, "--min-loss-scale": positive_float,
 }
 CONFIG_CHECKED = {"--patch-size", "--seq-length", "--train-iters", "--patch-fraction", "--train-data-range",
                   "--distributed-timeout-minutes"}

@@ -62,7 +62,6 @@ _GPT_OSS = "gpt-oss's attention and MLP variants are not supported here (a LLaMA
 _SPLIT_DATA = "per-split data paths are not supported here: give --data-path with --split"
 # flag -> why it is refused and what to use instead
 REFUSED = {
-    "--fp16": "fp16 with dynamic loss scaling is not implemented yet: train in --bf16 (or fp32)",
     "--step-batch-size-schedule": "batch-size ramp-up is not supported: a patch-level plan keeps the tokens per step "
                                   "constant (the paper's recipe); give one --global-batch-size",
     "--rampup-batch-size": "batch-size ramp-up is not supported: give one --global-batch-size",

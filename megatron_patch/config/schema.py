@@ -161,6 +161,14 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    # --fp16's loss scaling (megatron-core's grad scaler): a static --loss-scale, else dynamic from
+    # initial_loss_scale, halved after `hysteresis` overflowing steps (each skipped), doubled after
+    # loss_scale_window clean ones, never below min_loss_scale.
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
 
 
 @dataclass
@@ -220,6 +228,7 @@ class TrainingConfig:
     train_samples: Optional[int] = None  # Megatron-LM's alternative: samples of seq_length tokens
     seed: int = 1234
     bf16: bool = False
+    fp16: bool = False  # fp16 weights and activations, fp32 master weights, loss scaling (OptimizerConfig)
     log_interval: int = 100
     eval_interval: Optional[int] = None  # None: validate only at the end of the phase
     eval_iters: int = 100
@@ -291,6 +300,7 @@ class TrainingConfig:
                               f"supported here")
         if o.decoupled_min_lr is not None and o.decoupled_lr is None:
             raise ConfigError("--decoupled-min-lr needs --decoupled-lr")
+        self._check_fp16()
         if self.parallel.grad_reduce_in_bf16 and not self.bf16:
             raise ConfigError("--grad-reduce-in-bf16 needs --bf16 (fp32 training reduces fp32 gradients)")
         if self.finetune:
@@ -299,6 +309,17 @@ class TrainingConfig:
                                   "--pretrained-checkpoint")
             # Megatron-LM's meaning, restart-safe: --load's weights start the run, which then resumes from --save.
             self.pretrained_checkpoint, self.load, self.finetune = self.load, self.save, False
+
+    def _check_fp16(self) -> None:
+        o = self.optim
+        if self.fp16 and self.bf16:
+            raise ConfigError("--fp16 and --bf16: choose one")
+        if self.fp16 and self.deepspeed.enabled:
+            raise ConfigError("--fp16 with --deepspeed is not supported here (DeepSpeed's own loss scaler is not "
+                              "wired): use --bf16 with --deepspeed, or --fp16 without it")
+        if o.min_loss_scale > o.initial_loss_scale:
+            raise ConfigError(f"--min-loss-scale {o.min_loss_scale:g} is above --initial-loss-scale "
+                              f"{o.initial_loss_scale:g}")
 
     def _check_model_class(self) -> None:
         """The hybrid model's layer pattern: it sets --num-layers (as in Megatron-LM); the local layers build

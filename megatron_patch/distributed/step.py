@@ -92,6 +92,12 @@ def megatron_optimizer_config(cfg: TrainingConfig, params_dtype) -> MegatronOpti
         adam_eps=o.adam_eps,
         clip_grad=o.clip_grad,
         bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        loss_scale=o.loss_scale,
+        initial_loss_scale=o.initial_loss_scale,
+        min_loss_scale=o.min_loss_scale,
+        loss_scale_window=o.loss_scale_window,
+        hysteresis=o.hysteresis,
         params_dtype=params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )

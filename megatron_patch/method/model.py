@@ -155,8 +155,9 @@ def causal_attention_mask(num_positions: int, device) -> torch.Tensor:
     return torch.triu(torch.ones(num_positions, num_positions, dtype=torch.bool, device=device), 1)[None, None]
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False) -> TransformerConfig:
-    dtype = torch.bfloat16 if bf16 else torch.float32
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False,
+                       fp16: bool = False) -> TransformerConfig:
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -188,6 +189,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,
+        fp16=fp16,
         # Same initial weights on any device and any tensor-parallel size.
         use_cpu_initialization=True,
         **pipeline_p2p_settings(),

@@ -177,7 +177,7 @@ class DeepSpeedEngine(Engine):
             print_rank_0(f"deepspeed: ZeRO stage {self.ds_engine.zero_optimization_stage()}, rank 0 holds "
                          f"{footprint['parameter_bytes']} bytes of parameters and {footprint['optimizer_bytes']} bytes "
                          f"of optimizer state ({json.dumps(footprint)})")
-        return None if grad_norm is None else float(grad_norm)
+        return True, None if grad_norm is None else float(grad_norm)  # bf16 or fp32: no step is skipped
 
     def _allreduce_tied_embedding_grads(self) -> None:
         """Tied input and output embeddings live on the first and the last pipeline stage: sum their gradients

@@ -53,9 +53,15 @@ class Engine:
         """Forward and backward of every micro-batch of one global batch: (loss, per-micro-batch losses)."""
         raise NotImplementedError
 
-    def optimizer_step(self, iteration: int) -> Optional[float]:
-        """Reduce, clip and apply the gradients; returns the gradient norm."""
+    def optimizer_step(self, iteration: int) -> tuple[bool, Optional[float]]:
+        """Reduce, clip and apply the gradients: (applied, gradient norm). Not applied: --fp16's gradients
+        overflowed at the current loss scale and the step was skipped (the norm is then None)."""
         raise NotImplementedError
+
+    @property
+    def loss_scale(self) -> Optional[float]:
+        """--fp16: the loss scale the next step's backward uses; None without loss scaling."""
+        return None
 
     @contextlib.contextmanager
     def weights_gathered(self):
@@ -70,7 +76,7 @@ class MegatronEngine(Engine):
         super().__init__(cfg)
         p = cfg.parallel
         for vp_stage, chunk in enumerate(models):
-            if cfg.bf16:
+            if cfg.bf16 or cfg.fp16:
                 chunk = Float16Module(chunk.config, chunk)
             self.chunks.append(DistributedDataParallel(
                 config,
@@ -89,11 +95,14 @@ class MegatronEngine(Engine):
             config.param_sync_func = _one_or_list([chunk.start_param_sync for chunk in self.chunks])
         config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg, config.params_dtype), self.chunks)
+        if cfg.fp16:  # as Megatron-LM: the schedules multiply each micro-batch's loss by the loss scale
+            config.grad_scale_func = self.optimizer.scale_loss
         self.scheduler = lr_scheduler(self.optimizer, cfg.optim)
         held = sum(param.numel() for group in self.optimizer.param_groups for param in group["params"])
         total = sum(param.numel() for model in self.models for param in model.parameters())
-        print_rank_0(f"optimizer state (Adam moments{', fp32 master weights' if cfg.bf16 else ''}) on rank 0: "
-                     f"{held:,} of this model-parallel rank's {total:,} parameters")
+        masters = ", fp32 master weights" if cfg.bf16 or cfg.fp16 else ""
+        print_rank_0(f"optimizer state (Adam moments{masters}) on rank 0: {held:,} of this model-parallel rank's "
+                     f"{total:,} parameters")
 
     @property
     def models(self) -> list[PatchGPTModel]:
@@ -107,9 +116,13 @@ class MegatronEngine(Engine):
         self.optimizer.zero_grad()
         return self.run_batches(data_iterators, self.num_microbatches, forward_only=False)
 
-    def optimizer_step(self, iteration: int) -> Optional[float]:
-        _, grad_norm, _ = self.optimizer.step()
-        return grad_norm
+    def optimizer_step(self, iteration: int) -> tuple[bool, Optional[float]]:
+        applied, grad_norm, _ = self.optimizer.step()
+        return applied, grad_norm
+
+    @property
+    def loss_scale(self) -> Optional[float]:
+        return self.optimizer.get_loss_scale().item() if self.cfg.fp16 else None
 
     @contextlib.contextmanager
     def weights_gathered(self):

@@ -21,6 +21,7 @@ class PhaseLog:
         self.trainer, self.cfg, self.json_log, self.trackers = trainer, trainer.cfg, json_log, trackers
         self.start_iteration = trainer.iteration
         self.window, self.losses, self.step_times = [], [], []
+        self.skipped_in_window = self.skipped = 0  # --fp16: steps skipped on a gradient overflow
         self.valid_losses = {}
         self.peak, self.peak_source = peak_tflops(self.cfg.tracking.peak_tflops)
         print_rank_0(f"MFU against a peak of {self.peak:.2f} TFLOP/s per device ({self.peak_source})")
@@ -32,8 +33,12 @@ class PhaseLog:
     def step(self, stats: dict, seconds: float) -> None:
         cfg, tracking = self.cfg, self.cfg.tracking
         self.step_times.append(seconds)
-        self.window.append(stats["loss"])
-        self.losses.append(stats["loss"])
+        if stats.get("skipped"):  # as Megatron-LM: a skipped step's loss is left out of the averages
+            self.skipped_in_window += 1
+            self.skipped += 1
+        else:
+            self.window.append(stats["loss"])
+            self.losses.append(stats["loss"])
         tflops = self.trainer.flops_per_step / seconds / dist.get_world_size() / 1e12
         stats.update(tokens_per_sec=cfg.tokens_per_step / seconds,
                      consumed_tokens=self.trainer.consumed_samples * cfg.seq_length,
@@ -43,10 +48,14 @@ class PhaseLog:
         if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
             throughput = (f" | TFLOP/s/device {tflops:.3f} | MFU {100 * stats['mfu']:.1f}%"
                           if tracking.log_throughput else "")
-            print_rank_0(f"iteration {iteration:6d}/{cfg.train_iters} | loss {sum(self.window) / len(self.window):.4f}"
-                         f" | lr {stats['lr']:.3e} | grad norm {stats['grad_norm']:.3f}"
-                         f" | tokens/s {stats['tokens_per_sec']:.0f} | {1000 * seconds:.0f} ms/iter{throughput}")
-            self.window = []
+            loss = f"{_mean(self.window):.4f}" if self.window else "-"
+            grad_norm = "-" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}"
+            scaling = (f" | loss scale {stats['loss_scale']:g} | skipped iterations {self.skipped_in_window}"
+                       if "loss_scale" in stats else "")
+            print_rank_0(f"iteration {iteration:6d}/{cfg.train_iters} | loss {loss} | lr {stats['lr']:.3e} | grad "
+                         f"norm {grad_norm}{scaling} | tokens/s {stats['tokens_per_sec']:.0f} | "
+                         f"{1000 * seconds:.0f} ms/iter{throughput}")
+            self.window, self.skipped_in_window = [], 0
         if self.json_log:
             self.json_log.write(stats)
         scalars = {"train/loss": stats["loss"], "train/lr": stats["lr"], "train/patch_size": cfg.patch_size,
@@ -55,6 +64,8 @@ class PhaseLog:
                    "train/iteration": iteration}
         if stats["grad_norm"] is not None:
             scalars["train/grad_norm"] = stats["grad_norm"]
+        if "loss_scale" in stats:
+            scalars["train/loss_scale"] = stats["loss_scale"]
         if tracking.log_memory_to_tensorboard:
             scalars["memory/peak_bytes"] = stats["peak_memory_bytes"]
         self.trackers.log(scalars, stats["cumulative_tokens"])
@@ -88,6 +99,7 @@ class PhaseLog:
             "final_train_loss": _mean(self.losses[-quarter:]),
             "valid_loss": self.valid_losses.get("valid_loss"),
             "token_level_valid_loss": self.valid_losses.get("token_level_valid_loss"),
+            "skipped_iterations": self.skipped,
             # Where the phase stands (a run stopped early by a signal resumes from here with --load).
             "iteration": iteration,
             "train_iters": cfg.train_iters,

@@ -53,7 +53,7 @@ class Trainer:
         self.consumed_samples = 0
         # Chunks of one rank share one config; pretrained weights are loaded before the engine wraps them, so
         # gradient buffers, fp32 master copies and ZeRO partitions all start from them.
-        config = transformer_config(cfg.model, cfg.parallel, cfg.bf16)
+        config = transformer_config(cfg.model, cfg.parallel, cfg.bf16, cfg.fp16)
         pretrained = self.checkpoints.pretrained()
         models = model_chunks(cfg.model, cfg.parallel, self.tokenizer.vocab_size, cfg.patch_size, config,
                               weights_from=pretrained.directory if pretrained else None)
@@ -82,23 +82,44 @@ class Trainer:
     def train_step(self, data_iterators) -> dict:
         loss, microbatch_losses = self.engine.forward_backward(data_iterators)
         self._stop_if_diverged("loss", loss)  # before the update: the weights in memory stay the last good ones
-        grad_norm = self.engine.optimizer_step(self.iteration)
+        loss_scale = self.engine.loss_scale
+        applied, grad_norm = self.engine.optimizer_step(self.iteration)
         self._stop_if_diverged("gradient norm", grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step(increment=1)
+        if applied:
+            self.scheduler.step(increment=1)
+        else:
+            self._stop_if_overflow_at_floor(loss_scale)
+        # As Megatron-LM: a skipped (overflowed) step still counts as an iteration and consumes its samples; only
+        # the LR schedule waits.
         self.iteration += 1
         self.consumed_samples += self.cfg.global_batch_size
         self.compute["tokens"] += self.cfg.tokens_per_step
         self.compute["flops"] += self.flops_per_step
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "microbatch_losses": microbatch_losses}
+        stats = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "microbatch_losses": microbatch_losses}
+        if loss_scale is not None:
+            stats.update(loss_scale=loss_scale, skipped=not applied)
+        return stats
+
+    def _stop_if_overflow_at_floor(self, loss_scale: float) -> None:
+        """An fp16 overflow is skipped and the dynamic scale backs off; an overflow at --min-loss-scale, where it
+        cannot back off any further, is a non-finite gradient that no scale avoids: the run diverged."""
+        o = self.cfg.optim
+        if o.loss_scale is None and loss_scale <= o.min_loss_scale:
+            self._stop(f"the gradients are not finite even at the minimum loss scale {loss_scale:g} "
+                       f"(--min-loss-scale)")
 
     def _stop_if_diverged(self, what: str, value: Optional[float]) -> None:
-        if value is None or math.isfinite(value) or not self.cfg.check_for_nan_in_loss_and_grad:
+        if value is not None and not math.isfinite(value):
+            self._stop(f"{what} is {value}")
+
+    def _stop(self, problem: str) -> None:
+        if not self.cfg.check_for_nan_in_loss_and_grad:
             return
         last = layout.latest_iteration(self.cfg.save)
         kept = (f"the last good checkpoint, {layout.iteration_dir(self.cfg.save, last)}, is kept (resume "
                 f"from it with --load, e.g. with a lower --lr)") if last is not None else "no checkpoint was saved"
-        raise TrainingDiverged(f"{what} is {value} at iteration {self.iteration + 1}; stopped without saving: {kept}")
+        raise TrainingDiverged(f"{problem} at iteration {self.iteration + 1}; stopped without saving: {kept}")
 
     @torch.no_grad()
     def evaluate(self, dataset, view: Optional[TrainingConfig] = None) -> float:

@@ -41,7 +41,14 @@ def _run(phases, plan) -> None:
             if plan and layout.latest_iteration(phase.save) == phase.train_iters:
                 print_rank_0(f"{phase.save}: already complete at iteration {phase.train_iters}, skipped")
                 continue
-            pretrain(phase, DeepSpeedEngine if phase.deepspeed.enabled else MegatronEngine)
+            summary = pretrain(phase, DeepSpeedEngine if phase.deepspeed.enabled else MegatronEngine)
+            if summary["iteration"] < phase.train_iters:
+                # An early exit (signal, --exit-interval, --exit-duration-in-mins) ends the command: the next
+                # phase must start from this phase's final weights, which the rerun will produce.
+                if phase is not phases[-1]:
+                    print_rank_0(f"{phase.save}: stopped at iteration {summary['iteration']} of "
+                                 f"{phase.train_iters}; the next phase waits: rerun the same command to resume")
+                break
     finally:
         parallel.destroy()
 

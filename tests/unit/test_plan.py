@@ -120,6 +120,11 @@ def test_one_command_runs_the_plan_like_one_command_per_phase(corpus, tmp_path):
                     "--log-json", str(out / "log.jsonl"), *phase], check=check)
 
     whole = plan_run(tmp_path / "whole")
+    # An early exit in phase 1 ends the command: phase 2 must start from phase 1's final weights, not these.
+    stopped = plan_run(tmp_path / "stopped", "--exit-interval", "4")
+    assert "phase1: stopped at iteration 4 of 6; the next phase waits: rerun the same command" in stopped.stdout
+    assert not (tmp_path / "stopped" / "phase2").exists()
+    plan_run(tmp_path / "stopped")
     assert "phase1 (patch, K=4): 6 iterations x 4 samples x 128 tokens = 3072 tokens" in whole.stdout
     # Each phase's own peak LR and warmup: phase 1 warms up in one step (at LR 0, as Megatron's scheduler starts)
     # to 5e-3; phase 2 starts at its peak, 1e-3.
@@ -134,5 +139,6 @@ def test_one_command_runs_the_plan_like_one_command_per_phase(corpus, tmp_path):
         losses, summary = _read(tmp_path / "whole" / f"log.{phase}.jsonl")
         chained_losses, _ = _read(tmp_path / "chained" / f"log.{phase}.jsonl")
         assert losses == chained_losses  # bitwise: a phase is the same config whichever command runs it
+        assert _read(tmp_path / "stopped" / f"log.{phase}.jsonl")[0] == losses  # and however often it stops
         assert summary["tokens"] == tokens and len(losses) == tokens // 512
     assert "already complete" in plan_run(tmp_path / "whole").stdout  # a rerun (e.g. a requeued job) skips

@@ -10,7 +10,7 @@ if [ "${1:-}" = --py312 ]; then
   bash scripts/setup_cpu.sh --py312
   # What differs between megatron-core releases shows up here: the model and its hooks, the datasets, every
   # parallel layout's loss parity, the distributed optimizer, torch_dist save/resume/reshard/conversion, DeepSpeed
-  # ZeRO 0-3 (all its tests), the two-phase plan, evaluation and HF export (all of tests/unit), and the phase hand-off.
+  # ZeRO 0-3 (all its tests), fp16 loss scaling, the two-phase plan, evaluation and HF export (all of tests/unit), and the phase hand-off.
   exec .venv-py312/bin/python -m pytest -q \
     tests/unit \
     tests/distributed/test_tensor_parallel.py \
@@ -19,6 +19,7 @@ if [ "${1:-}" = --py312 ]; then
     tests/distributed/test_optimizer_sharding_and_torch_dist.py \
     tests/distributed/test_resume.py \
     tests/distributed/test_deepspeed.py \
+    tests/distributed/test_fp16.py \
     "$@"
 fi
 bash scripts/setup_cpu.sh

@@ -19,7 +19,7 @@ if [ "${1:-}" = --py312 ]; then
     tests/distributed/test_optimizer_sharding_and_torch_dist.py \
     tests/distributed/test_resume.py \
     tests/distributed/test_deepspeed.py \
-    tests/distributed/test_fp16.py \
+    tests/distributed/test_fp16_parallel.py \
     "$@"
 fi
 bash scripts/setup_cpu.sh

@@ -13,7 +13,9 @@ The figure (--output, PNG): token-level validation loss (every phase's model rea
 phases and runs) against cumulative model FLOPs and tokens, and the train loss likewise. The train loss is each
 phase's objective: in a K>1 phase (dashed) it is the mean loss of the K targets, which is NOT comparable with a
 token-level loss; only the K=1 parts (solid) compare across runs. A dotted vertical line in a run's colour marks
-where its phase 1 ended. Needs matplotlib (the table does not).
+where its phase 1 ended; a dash-dotted line in a K>1 phase is the unigram entropy of its data (the loss of a
+predictor that ignores the context: phase 1 near it has learned only token frequencies). Needs matplotlib (the
+table does not).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plot(runs: List[Run], output: str, title: str = None) -> Dict[str, dict]:
-    """Draw the 2x2 figure into `output`; returns per run the number of points each panel drew."""
+    """Draw the 2x2 figure into `output`; returns per run the number of points each panel drew (and of unigram
+    entropy lines)."""
     try:
         import matplotlib
 
@@ -56,7 +59,7 @@ def plot(runs: List[Run], output: str, title: str = None) -> Dict[str, dict]:
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
     panels = dict(zip(PANELS, axes.flat))
-    drawn = {run.name: dict.fromkeys(PANELS, 0) for run in runs}
+    drawn = {run.name: dict.fromkeys((*PANELS, "unigram_lines"), 0) for run in runs}
     for index, run in enumerate(runs):
         colour = f"C{index % 10}"
         label = f"{run.name} ({phases_label(run.patch_sizes)})"
@@ -71,6 +74,10 @@ def plot(runs: List[Run], output: str, title: str = None) -> Dict[str, dict]:
             for panel, x in (("train_vs_flops", flops), ("train_vs_tokens", tokens)):
                 panels[panel].plot(x, loss, **style)
                 drawn[run.name][panel] += len(x)
+                bound = (run.phases[number].summary or {}).get("unigram_entropy")
+                if bound is not None:  # the plateau gauge: where a context-free predictor ends
+                    panels[panel].hlines(bound, min(x), max(x), color=colour, linestyle="-.", linewidth=1.2)
+                    drawn[run.name]["unigram_lines"] += 1
         for boundary_tokens, boundary_flops in run.boundaries():
             for panel, ax in panels.items():
                 ax.axvline(boundary_flops if panel.endswith("flops") else boundary_tokens, color=colour,
@@ -84,6 +91,9 @@ def plot(runs: List[Run], output: str, title: str = None) -> Dict[str, dict]:
     patch_level = Line2D([], [], color="grey", linestyle="--", linewidth=1.0,
                          label="K>1 phase: mean K-target loss (not token-level)")
     token_level = Line2D([], [], color="grey", linestyle="-", linewidth=1.0, label="K=1 phase: token loss")
+    unigram = Line2D([], [], color="grey", linestyle="-.", linewidth=1.2,
+                     label="K>1 phase: unigram entropy of its data (a context-free predictor's loss)")
+    has_unigram = any((p.summary or {}).get("unigram_entropy") is not None for run in runs for p in run.phases)
     for panel, ax in panels.items():
         valid = panel.startswith("valid")
         ax.set_title("token-level validation loss (model read at K=1)" if valid else
@@ -93,7 +103,8 @@ def plot(runs: List[Run], output: str, title: str = None) -> Dict[str, dict]:
                       "tokens, cumulative from the run's start")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0), useMathText=True)
         ax.grid(True, alpha=0.3)
-        handles = runs_handles("o") if valid else runs_handles(None) + [token_level, patch_level]
+        handles = runs_handles("o") if valid else runs_handles(None) + [token_level, patch_level] + (
+            [unigram] if has_unigram else [])
         ax.legend(handles=handles + ([boundary] if any(run.boundaries() for run in runs) else []), fontsize=8)
     _zoom_train_panels(runs, [panels["train_vs_flops"], panels["train_vs_tokens"]])
     fig.suptitle(title or "runs: " + ", ".join(run.name for run in runs))
@@ -109,8 +120,9 @@ def _zoom_train_panels(runs: List[Run], axes) -> None:
     losses, later = [], []
     for run in runs:
         series = [loss for points in run.train_points() for _, _, loss in points]
-        losses += series
-        later += series[len(series) // 10:]
+        bounds = [p.summary["unigram_entropy"] for p in run.phases if (p.summary or {}).get("unigram_entropy")]
+        losses += series + bounds
+        later += series[len(series) // 10:] + bounds
     if not losses or not later:
         return
     low, high = min(losses), max(later)

@@ -34,6 +34,7 @@ _DTYPE_CODES = {1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32, 5
 _CODE_OF_DTYPE = {numpy.dtype(dtype): code for code, dtype in _DTYPE_CODES.items()}
 _CHUNK = 1 << 20  # index entries handled at a time when streaming
 SUFFIXES = (".bin", ".idx", ".meta.json")
+TOKEN_COUNTS = "token_counts"  # the sidecar's occurrences of each token id (index = id)
 
 
 class DatasetFormatError(MegatronPatchError, ValueError):
@@ -172,13 +173,21 @@ class DatasetWriter:
         self.num_documents = 0
         self.num_sequences = 0
         self.num_tokens = 0
+        self.token_counts = numpy.zeros(0, numpy.int64)  # occurrences of each id: the sidecar's, for unigram.py
         self.closed = False
+
+    def _count(self, tokens: numpy.ndarray) -> None:
+        counts = numpy.bincount(tokens, minlength=len(self.token_counts))
+        counts[:len(self.token_counts)] += self.token_counts
+        self.token_counts = counts
 
     def add_documents(self, tokens: numpy.ndarray, sequence_lengths: numpy.ndarray,
                       sequences_per_document: numpy.ndarray) -> None:
         """Append documents: their tokens back to back, the length of each sequence, and how many sequences each
         document has (0 for a document without tokens, as Megatron-LM records one)."""
-        self._bin.write(numpy.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        tokens = numpy.ascontiguousarray(tokens, dtype=self.dtype)
+        self._bin.write(tokens.tobytes())
+        self._count(tokens)
         self._lengths.write(numpy.asarray(sequence_lengths, dtype=numpy.int32).tobytes())
         ends = self.num_sequences + numpy.cumsum(sequences_per_document, dtype=numpy.int64)
         self._document_ends.write(ends.tobytes())
@@ -197,6 +206,8 @@ class DatasetWriter:
             self._document_ends.write((ends + self.num_sequences).tobytes())
         with open(prefix + ".bin", "rb") as f:
             shutil.copyfileobj(f, self._bin, 16 << 20)
+        for tokens in _chunks(_mapped(prefix + ".bin", self.dtype, 0, num_tokens)):
+            self._count(tokens)
         self.num_documents += header.num_documents
         self.num_sequences += header.num_sequences
         self.num_tokens += num_tokens
@@ -234,8 +245,12 @@ class DatasetWriter:
         self.close()
         meta = dict(metadata, dtype=self.dtype.name, num_documents=self.num_documents,
                     num_sequences=self.num_sequences, num_tokens=self.num_tokens)
+        meta.pop(TOKEN_COUNTS, None)
+        # The counts last and on one line, so the rest stays readable.
+        text = json.dumps(meta, indent=2, sort_keys=True)[:-2] + f',\n  "{TOKEN_COUNTS}": ' + json.dumps(
+            self.token_counts.tolist(), separators=(",", ":")) + "\n}\n"
         with _NamedFile(self.work_prefix + ".meta.json") as f:
-            f.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+            f.write(text.encode())
         for suffix in SUFFIXES:
             _fsync(self.work_prefix + suffix)
         with _signals_held():

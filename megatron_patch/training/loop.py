@@ -75,10 +75,15 @@ def pretrain(cfg: TrainingConfig, engine_class=MegatronEngine) -> dict:
     print_rank_0(f"phase: patch size K={cfg.patch_size}, {cfg.seq_length} tokens = {cfg.num_patches} positions per "
                  f"sample, {cfg.global_batch_size} samples = {cfg.tokens_per_step} tokens per step, "
                  f"{cfg.train_iters} iterations, world size {dist.get_world_size()}")
+    # The plateau gauge (data/unigram.py), said by rank 0: a patch-level loss near it has learned token frequencies.
+    unigram = trainer.context_free_bound() if cfg.patch_size > 1 and parallel.is_rank_0() else None
+    if unigram is not None:
+        print_rank_0(f"unigram entropy of the training data: {unigram:.4f} nats, the loss of a predictor that ignores "
+                     f"the context on the K-target objective (phase 1 should end clearly below it)")
     writes_log = cfg.log_json and parallel.is_rank_0()
     with JsonLinesLog(cfg.log_json) if writes_log else contextlib.nullcontext() as json_log, \
             Trackers(cfg.tracking, to_dict(cfg), f"K={cfg.patch_size}") as trackers:
-        phase_log = PhaseLog(trainer, json_log, trackers)
+        phase_log = PhaseLog(trainer, json_log, trackers, unigram)
         _train(trainer, train_ds, validation if valid_ds is not None else [], phase_log)
         return phase_log.summary()
 

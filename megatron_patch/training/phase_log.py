@@ -17,8 +17,13 @@ class PhaseLog:
     """What a phase reports: a log line every --log-interval steps, a --log-json record per step and per validation
     (rank 0), TensorBoard/W&B scalars, and the summary at the end. Every record carries the run's compute axis."""
 
-    def __init__(self, trainer, json_log: Optional[JsonLinesLog], trackers: Trackers):
+    # Phase 1 ending less than this far below the unigram entropy has learned little beyond token frequencies.
+    PLATEAU_MARGIN = 0.05  # nats
+
+    def __init__(self, trainer, json_log: Optional[JsonLinesLog], trackers: Trackers,
+                 unigram_entropy: Optional[float] = None):
         self.trainer, self.cfg, self.json_log, self.trackers = trainer, trainer.cfg, json_log, trackers
+        self.unigram_entropy = unigram_entropy  # a patch-level phase's context-free bound (data/unigram.py)
         self.start_iteration = trainer.iteration
         self.window, self.losses, self.step_times = [], [], []
         self.skipped_in_window = self.skipped = 0  # --fp16: steps skipped on a gradient overflow
@@ -100,15 +105,33 @@ class PhaseLog:
             "valid_loss": self.valid_losses.get("valid_loss"),
             "token_level_valid_loss": self.valid_losses.get("token_level_valid_loss"),
             "skipped_iterations": self.skipped,
+            "unigram_entropy": self.unigram_entropy,
             # Where the phase stands (a run stopped early by a signal resumes from here with --load).
             "iteration": iteration,
             "train_iters": cfg.train_iters,
             **self._axis(),
         }
+        self._say_plateau(summary)
         print_rank_0("phase summary: " + json.dumps(summary))
         if self.json_log:
             self.json_log.write({"summary": summary})
         return summary
+
+
+    def _say_plateau(self, summary: dict) -> None:
+        """How far below the context-free bound the phase ended (its validation loss, else its last train losses)."""
+        bound = self.unigram_entropy
+        which = "validation" if summary["valid_loss"] is not None else "train"
+        loss = summary["valid_loss"] if which == "validation" else summary["final_train_loss"]
+        if bound is None or loss is None:
+            return
+        where = "below" if loss <= bound else "ABOVE"
+        print_rank_0(f"K={self.cfg.patch_size} phase ended {abs(bound - loss):.4f} nats {where} the unigram entropy "
+                     f"({which} loss {loss:.4f}, unigram entropy {bound:.4f})")
+        if bound - loss < self.PLATEAU_MARGIN:
+            print_rank_0(f"warning: less than {self.PLATEAU_MARGIN} nats below the unigram entropy: this phase learned "
+                         f"little beyond token frequencies, and phase 2 starts almost from scratch (README, "
+                         f"\"Choosing K and lambda\")")
 
 
 def _mean(values):

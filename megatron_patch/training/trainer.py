@@ -18,8 +18,9 @@ from megatron_patch.checkpoint.guards import describe_run
 from megatron_patch.checkpoint.model_chunks import model_chunks
 from megatron_patch.config.schema import TrainingConfig, padded_vocab_size, parse_blend, to_dict
 from megatron_patch.config.tokenizer import TokenizerSpec
-from megatron_patch.data.dataset import dataset_sizes, datasets_for, micro_batches
+from megatron_patch.data.dataset import alignment_pad_id, dataset_sizes, datasets_for, micro_batches
 from megatron_patch.data.tokenizers.wrappers import build_tokenizer
+from megatron_patch.data.unigram import context_free_bound
 from megatron_patch.distributed import parallel
 from megatron_patch.distributed.parallel import print_rank_0
 from megatron_patch.distributed.step import global_losses, run_schedule
@@ -184,6 +185,13 @@ class Trainer:
         """(train, validation) PatchGPTDatasets; validation is None when --split gives it nothing."""
         train, valid, _ = datasets_for(self.cfg, self.tokenizer)
         return train, valid
+
+    def context_free_bound(self) -> float:
+        """The unigram entropy of the blend this phase trains on (the pad id of patch-aligned data left out, as its
+        labels get no loss)."""
+        prefixes, weights = parse_blend(self.cfg.data.data_path)
+        return context_free_bound(prefixes, weights, alignment_pad_id(prefixes, self.tokenizer),
+                                  self.cfg.data.data_cache_path)
 
     def data_iterators(self, dataset, consumed_samples: int, micro_batch_size: Optional[int] = None) -> list:
         """One iterator per model chunk over the same samples: each chunk of an interleaved pipeline reads

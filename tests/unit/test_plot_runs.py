@@ -41,9 +41,11 @@ def test_png_panels_draw_every_logged_point(logged):
                   if "eval" in r]
     base_evals = [r for r in json_log.read_records(str(base / "log.jsonl")) if "eval" in r]
     assert len(plan_evals) >= 3 and len(base_evals) >= 2
-    for name, evals in (("two-phase", plan_evals), ("baseline", base_evals)):
+    for name, evals, unigram_lines in (("two-phase", plan_evals, 2), ("baseline", base_evals, 0)):
+        # The K=4 phase's unigram entropy: one line in each train panel.
         assert logged["rows"][name]["points_plotted"] == {"valid_vs_flops": len(evals), "valid_vs_tokens": len(evals),
-                                                          "train_vs_flops": 8, "train_vs_tokens": 8}
+                                                          "train_vs_flops": 8, "train_vs_tokens": 8,
+                                                          "unigram_lines": unigram_lines}
 
 
 def test_table_numbers_are_the_logs_summaries(logged):

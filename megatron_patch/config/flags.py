@@ -137,6 +137,8 @@ GROUPS = {
         Flag("--data-path", "data.data_path",
              "dataset prefix(es) from tools/preprocess_data.py, or a blend `W1 PREFIX1 W2 PREFIX2 ...`",
              dict(nargs="+")),
+        Flag("--data-args-path", "data.data_args_path",
+             "a file holding the --data-path values (a long blend), as in Megatron-LM", dict()),
         Flag("--split", "data.split", "train,valid,test proportions of the documents", dict()),
         *[Flag(name, f"data.{field}", text, kwargs) for name, field, text, kwargs in TOKENIZER_FLAGS],
         Flag("--data-cache-path", "data.data_cache_path", "where megatron-core caches sample indices", dict()),

@@ -83,7 +83,6 @@ REFUSED = {
     "--train-data-path": _SPLIT_DATA,
     "--valid-data-path": _SPLIT_DATA,
     "--test-data-path": _SPLIT_DATA,
-    "--data-args-path": _SPLIT_DATA,
     "--per-split-data-args-path": _SPLIT_DATA,
 }
 # a flag starting so -> why it is refused

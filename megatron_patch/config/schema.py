@@ -122,6 +122,7 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     data_path: List[str] = field(default_factory=list)  # Megatron blend syntax: [w1] prefix1 [w2 prefix2 ...]
+    data_args_path: Optional[str] = None  # Megatron-LM's: a file holding data_path's values (read into it)
     split: str = "969,30,1"
     # The tokenizer (tokenizer.py): Megatron-LM's --tokenizer-type and the flags of each type.
     tokenizer_type: Optional[str] = None  # None: SentencePiece for a .model, HuggingFace for a .json / directory
@@ -579,14 +580,33 @@ class TrainingConfig:
             TokenizerSpec.of(self.data).resolved()
         except TokenizerError as e:
             raise ConfigError(str(e)) from None
+        self._read_data_args()
         if not self.data.data_path:
-            raise ConfigError("--data-path is required")
+            raise ConfigError("--data-path (or --data-args-path) is required")
         for prefix in parse_blend(self.data.data_path)[0]:
             for suffix in (".bin", ".idx"):
                 if not os.path.isfile(prefix + suffix):
                     raise ConfigError(f"--data-path: {prefix}{suffix} does not exist")
         if self.pretrained_checkpoint and not layout.has_tracker(self.pretrained_checkpoint):
             raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {layout.TRACKER} there")
+
+
+    def _read_data_args(self) -> None:
+        """--data-args-path FILE: the --data-path values, whitespace-separated, as Megatron-LM reads them."""
+        d = self.data
+        if d.data_args_path is None:
+            return
+        if d.data_path:
+            raise ConfigError("--data-path and --data-args-path: give one")
+        try:
+            with open(d.data_args_path) as f:
+                values = f.read().split()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--data-args-path {d.data_args_path}: {getattr(e, 'strerror', None) or e}") from None
+        if not values:
+            raise ConfigError(f"--data-args-path {d.data_args_path}: the file is empty (it should hold --data-path's "
+                              f"values, e.g. `0.7 data/a_text_document 0.3 data/b_text_document`)")
+        d.data_path, d.data_args_path = values, None  # the run records the blend itself
 
 
 def token_level_view(cfg: TrainingConfig) -> TrainingConfig:

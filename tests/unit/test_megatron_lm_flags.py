@@ -152,3 +152,20 @@ def test_finetune_starts_from_load_s_weights_at_iteration_0(megatron_process, sa
     trainer = Trainer(cfg)
     trainer.load()
     assert trainer.iteration == 0 and trainer.scheduler.num_steps == 0
+
+
+def test_data_args_path_is_the_data_path_read_from_a_file(corpus, tmp_path):
+    blend = ["0.3", corpus["aligned4"], "0.7", corpus["plain"]]
+    args = tmp_path / "data_args.txt"
+    args.write_text(f"  {blend[0]} {blend[1]}\n{blend[2]}\t{blend[3]}\n")
+    argv = ["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "8", "--lr", "1e-3",
+            "--tokenizer-model", corpus["tokenizer"], "--train-iters", "2"]
+    cfg = parse_args([*argv, "--data-args-path", str(args)]).resolve(world_size=1)
+    assert cfg.data.data_path == blend == parse_args([*argv, "--data-path", *blend]).resolve(1).data.data_path
+    (tmp_path / "empty.txt").write_text("\n")
+    for flags, message in ((["--data-args-path", str(tmp_path / "missing.txt")], "missing.txt: No such file"),
+                           (["--data-args-path", str(tmp_path / "empty.txt")], "empty.txt: the file is empty"),
+                           (["--data-args-path", str(args), "--data-path", corpus["plain"]],
+                            "--data-path and --data-args-path: give one")):
+        with pytest.raises(ConfigError, match=message):
+            parse_args([*argv, *flags]).resolve(world_size=1)

@@ -129,9 +129,10 @@ class PhaseLog:
         print_rank_0(f"K={self.cfg.patch_size} phase ended {abs(bound - loss):.4f} nats {where} the unigram entropy "
                      f"({which} loss {loss:.4f}, unigram entropy {bound:.4f})")
         if bound - loss < self.PLATEAU_MARGIN:
-            print_rank_0(f"warning: less than {self.PLATEAU_MARGIN} nats below the unigram entropy: this phase learned "
-                         f"little beyond token frequencies, and phase 2 starts almost from scratch (README, "
-                         f"\"Choosing K and lambda\")")
+            learned = ("not even the token frequencies" if loss > bound else
+                       f"little beyond token frequencies (less than {self.PLATEAU_MARGIN} nats below them)")
+            print_rank_0(f"warning: this phase learned {learned}, so the next starts from little more than a "
+                         f"frequency table (README, \"Choosing K and lambda\")")
 
 
 def _mean(values):

@@ -126,6 +126,13 @@ def _mapped(path: str, dtype, offset: int, count: int) -> numpy.ndarray:
     return numpy.memmap(path, dtype, "r", offset, (count,)) if count else numpy.empty(0, dtype)
 
 
+def add_token_counts(counts: numpy.ndarray, tokens: numpy.ndarray) -> numpy.ndarray:
+    """`counts` (occurrences per token id) plus those of `tokens`, grown to the largest id seen."""
+    added = numpy.bincount(tokens, minlength=len(counts))
+    added[:len(counts)] += counts
+    return added
+
+
 def _chunks(array: numpy.ndarray):
     for start in range(0, len(array), _CHUNK):
         yield numpy.asarray(array[start:start + _CHUNK])
@@ -177,9 +184,7 @@ class DatasetWriter:
         self.closed = False
 
     def _count(self, tokens: numpy.ndarray) -> None:
-        counts = numpy.bincount(tokens, minlength=len(self.token_counts))
-        counts[:len(self.token_counts)] += self.token_counts
-        self.token_counts = counts
+        self.token_counts = add_token_counts(self.token_counts, tokens)
 
     def add_documents(self, tokens: numpy.ndarray, sequence_lengths: numpy.ndarray,
                       sequences_per_document: numpy.ndarray) -> None:

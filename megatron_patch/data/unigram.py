@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import numpy
 
-from megatron_patch.data.indexed import TOKEN_COUNTS, check_dataset, read_sidecar
+from megatron_patch.data.indexed import TOKEN_COUNTS, add_token_counts, check_dataset, read_sidecar
 
 _CHUNK = 1 << 26  # tokens per step of a streamed count
 
@@ -43,9 +43,7 @@ def token_counts(prefix: str, cache_dir: Optional[str] = None) -> numpy.ndarray:
     counts = numpy.zeros(0, numpy.int64)
     started = last_report = time.time()
     for start in range(0, num_tokens, _CHUNK):
-        chunk = numpy.bincount(numpy.asarray(tokens[start:start + _CHUNK]), minlength=len(counts))
-        chunk[:len(counts)] += counts
-        counts = chunk
+        counts = add_token_counts(counts, numpy.asarray(tokens[start:start + _CHUNK]))
         if time.time() - last_report > 10:
             last_report = time.time()
             done = min(start + _CHUNK, num_tokens)

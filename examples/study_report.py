@@ -156,7 +156,8 @@ def variant_flags(runs_dir: str, grid: str) -> dict:
         path = json.load(f)["grid"]
     with open(path) as f:
         variants = yaml.safe_load(f).get("variants") or {}
-    return {name: ", ".join(f"--{k} {v}" for k, v in (flags or {}).items()) or "the grid's flags"
+    return {name: ", ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in (flags or {}).items())
+            or "the grid's flags"
             for name, flags in variants.items()}
 
 
@@ -201,6 +202,28 @@ def patch_loss_windows(runs_dir: str, grid: str, starts=(1, 100, 200, 300, 600, 
         means = [f"steps {a}-{a + width - 1}: {sum(v) / len(v):.2f}" for a in starts
                  if (v := [loss for i, loss in losses.items() if a <= i < a + width])]
         lines.append(f"{os.path.basename(os.path.dirname(path))}: mean patch-level loss, " + "; ".join(means))
+    return "\n".join(lines)
+
+
+def plateau_table(runs_dir: str, grid: str, flags: dict, at=(40, 80, 160), tail=40) -> str:
+    """Per variant of a patch-only grid: its patch-level validation loss at steps `at`, its mean training loss over
+    the last `tail` steps, and both against the unigram entropy its run logged (the plateau gauge)."""
+    from megatron_patch.training import json_log
+
+    head = " | ".join(f"valid loss @ {step}" for step in at)
+    lines = [f"| variant | its flags | {head} | train loss, last {tail} steps | train loss - unigram entropy | "
+             f"held-out PPL |", "|---" * (len(at) + 5) + "|"]
+    for r in sorted(load(runs_dir, grid), key=lambda r: r["ppl"]):
+        path = os.path.join(runs_dir, grid, "runs", r["run"], "train.jsonl")
+        evals = [record["eval"] for record in json_log.read_records(path) if "eval" in record]
+        valid = {e["iteration"]: e["valid_loss"] for e in evals}
+        losses = [step["loss"] for step in json_log.steps(path).values()][-tail:]
+        bound = json_log.last_summary(path)["unigram_entropy"]
+        train = sum(losses) / len(losses)
+        cells = " | ".join(f"{valid[step]:.3f}" if step in valid else "n/a" for step in at)
+        lines.append(f"| {r['variant'] or 'paper'} | {flags.get(r['variant'], 'none: the grid')} | {cells} | "
+                     f"{train:.3f} | "
+                     f"{train - bound:+.3f} | {r['ppl']:.1f} |")
     return "\n".join(lines)
 
 
@@ -253,6 +276,11 @@ def main():
     if long:
         print("\n## Patch-only, long (h96)\n\n" + variants_table(fill_costs(long, budgets), {}) + "\n\n"
               + patch_loss_windows(args.runs, "patch_long"))
+    if load(args.runs, "plateau"):
+        print("\n## Leaving the plateau: patch-only K=4 variants (h96, quick start corpus, 160 steps)\n\n"
+              + plateau_table(args.runs, "plateau", variant_flags(args.runs, "plateau")))
+    if not os.path.exists(os.path.join(args.runs, "docs_text_document.bin")):
+        return  # the plateau grid alone (it reads the quick start's data)
     unigram = unigram_perplexity(args.runs)
     print(f"\nheld-out perplexity of the training split's unigram frequencies: {unigram:.1f}")
     if args.figure:

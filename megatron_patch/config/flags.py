@@ -107,7 +107,9 @@ GROUPS = {
                f"with --patch-fraction: phase {n}'s {what} (default: --{name}; the optimizer restarts per phase)",
                dict(type=kind))
           for n in (1, 2) for name, what, kind in (("lr", "peak learning rate", float),
-                                                   ("lr-warmup-iters", "warmup steps", int))),
+                                                   ("lr-warmup-iters", "warmup steps", int),
+                                                   ("decoupled-lr", "peak learning rate of the input embedding "
+                                                    "and output layer", float))),
     ],
     "parallelism": [
         Flag("--tensor-model-parallel-size", "parallel.tensor_model_parallel_size", "tensor-parallel ranks",

@@ -25,7 +25,8 @@ from megatron_patch.config.deepspeed import resolve_deepspeed_config
 from megatron_patch.config.schema import LR_REQUIRED, ConfigError, TrainingConfig, iterations_for_tokens
 
 PHASE_NAMES = ("phase1", "phase2")
-PER_PHASE_FLAGS = ("phase1_lr", "phase2_lr", "phase1_lr_warmup_iters", "phase2_lr_warmup_iters")  # PlanConfig
+PER_PHASE_FLAGS = ("phase1_lr", "phase2_lr", "phase1_lr_warmup_iters", "phase2_lr_warmup_iters",
+                   "phase1_decoupled_lr", "phase2_decoupled_lr")  # PlanConfig
 
 
 @dataclass
@@ -37,6 +38,7 @@ class PhasePlan:
     train_iters: int
     lr: float
     lr_warmup_iters: float  # fractional from --lr-warmup-samples or --lr-warmup-fraction
+    decoupled_lr: Optional[float]  # the embedding and output layer's peak LR (None: lr)
     train_data_range: tuple
     save: str
     pretrained_checkpoint: str = None
@@ -78,7 +80,9 @@ class TwoPhasePlan:
             lines.append(
                 f"  {p.name} ({kind}): {p.train_iters} iterations x {p.global_batch_size} samples x {p.seq_length} "
                 f"tokens = {p.tokens} tokens; data [{p.train_data_range[0]:.4f}, {p.train_data_range[1]:.4f}) of "
-                f"the training split; lr {p.lr:g}, warmup {p.lr_warmup_iters:g}; save {p.save}"
+                f"the training split; lr {p.lr:g}, warmup {p.lr_warmup_iters:g}"
+                + (f", embedding and output layer lr {p.decoupled_lr:g}" if p.decoupled_lr is not None else "")
+                + f"; save {p.save}"
                 + (f"; weights from {p.pretrained_checkpoint}" if p.pretrained_checkpoint else "")
             )
         lines.append(f"  cost: lambda/K + 1 - lambda = {self.cost:.4f} of token-level training")
@@ -139,11 +143,14 @@ def make_plan(cfg: TrainingConfig) -> TwoPhasePlan:
     warmup = [_override(getattr(cfg.plan, f"phase{n}_lr_warmup_iters"),
                         cfg.optim.lr_warmup_iters if fraction_warmup is None else fraction_warmup * iters[n - 1])
               for n in (1, 2)]
+    decoupled = [_override(getattr(cfg.plan, f"phase{n}_decoupled_lr"), cfg.optim.decoupled_lr) for n in (1, 2)]
+    if cfg.optim.decoupled_min_lr is not None and decoupled == [None, None]:
+        raise ConfigError("--decoupled-min-lr needs --decoupled-lr or a --phaseN-decoupled-lr")
     phases = [
         PhasePlan("phase1", k, k * cfg.seq_length, cfg.global_batch_size // k, iters[0], lr[0], warmup[0],
-                  (0.0, boundary), save[0]),
+                  decoupled[0], (0.0, boundary), save[0]),
         PhasePlan("phase2", 1, cfg.seq_length, cfg.global_batch_size, iters[1], lr[1], warmup[1],
-                  (boundary, 1.0), save[1], pretrained_checkpoint=save[0]),
+                  decoupled[1], (boundary, 1.0), save[1], pretrained_checkpoint=save[0]),
     ]
     for n, p in enumerate(phases, 1):
         own = f"--phase{n}-lr-warmup-iters" if getattr(cfg.plan, f"phase{n}_lr_warmup_iters") is not None \
@@ -167,6 +174,9 @@ def phase_config(cfg: TrainingConfig, phase: PhasePlan) -> TrainingConfig:
     out.patch_size, out.seq_length = phase.patch_size, phase.seq_length
     out.global_batch_size, out.train_iters, out.train_tokens = phase.global_batch_size, phase.train_iters, None
     out.optim.lr, out.optim.lr_warmup_iters, out.optim.lr_warmup_fraction = phase.lr, phase.lr_warmup_iters, None
+    out.optim.decoupled_lr = phase.decoupled_lr
+    if phase.decoupled_lr is None:
+        out.optim.decoupled_min_lr = None  # it went with another phase's --phaseN-decoupled-lr
     out.data.train_data_range = phase.train_data_range
     out.save = out.load = phase.save
     out.pretrained_checkpoint = phase.pretrained_checkpoint

@@ -199,6 +199,10 @@ class PlanConfig:
     phase2_lr: Optional[float] = None
     phase1_lr_warmup_iters: Optional[int] = None
     phase2_lr_warmup_iters: Optional[int] = None
+    # Per-phase --decoupled-lr: phase 1 leaves the unigram plateau sooner with a higher LR for its input and output
+    # layers (RESULTS.md, "Leaving the plateau"), which token-level training need not share.
+    phase1_decoupled_lr: Optional[float] = None
+    phase2_decoupled_lr: Optional[float] = None
 
 
 @dataclass

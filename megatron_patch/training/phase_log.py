@@ -132,7 +132,8 @@ class PhaseLog:
             learned = ("not even the token frequencies" if loss > bound else
                        f"little beyond token frequencies (less than {self.PLATEAU_MARGIN} nats below them)")
             print_rank_0(f"warning: this phase learned {learned}, so the next starts from little more than a "
-                         f"frequency table (README, \"Choosing K and lambda\")")
+                         f"frequency table; a higher LR for the embedding and output layer can help "
+                         f"(--phase1-decoupled-lr; README, \"Choosing K and lambda\")")
 
 
 def _mean(values):

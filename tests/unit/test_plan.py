@@ -94,6 +94,21 @@ def test_each_phase_can_have_its_own_peak_lr_and_warmup():
         phases_to_run(parse_args(["--train-iters", "10", "--phase2-lr", "1e-3"], required=()), 1)
 
 
+def test_phase1_alone_can_raise_the_embedding_and_output_layer_lr():
+    """--phase1-decoupled-lr (RESULTS.md: it leaves the unigram plateau sooner) reaches phase 1's optimizer only;
+    --decoupled-min-lr goes with it, and --decoupled-lr stays the default of both phases."""
+    cfg = _parsed("--phase1-decoupled-lr", "1e-2", "--decoupled-min-lr", "1e-3")
+    plan = make_plan(cfg)
+    p1, p2 = (phase_config(cfg, p) for p in plan.phases)
+    assert (p1.optim.decoupled_lr, p1.optim.decoupled_min_lr) == (1e-2, 1e-3)
+    assert (p2.optim.decoupled_lr, p2.optim.decoupled_min_lr) == (None, None)
+    assert "lr 0.0003, warmup 20, embedding and output layer lr 0.01; save" in plan.describe()
+    both = _parsed("--decoupled-lr", "5e-3", "--phase2-decoupled-lr", "2e-3")
+    assert [phase_config(both, p).optim.decoupled_lr for p in make_plan(both).phases] == [5e-3, 2e-3]
+    with pytest.raises(ConfigError, match=r"^--decoupled-min-lr needs --decoupled-lr or a --phaseN-decoupled-lr"):
+        make_plan(_parsed("--decoupled-min-lr", "1e-3"))
+
+
 def test_plan_cli_prints_the_plan():
     as_json = json.loads(run([PYTHON, "tools/plan.py", *_plan_args(), "--json"]).stdout)
     assert [p["train_iters"] for p in as_json["phases"]] == [2000, 1000]

@@ -139,6 +139,10 @@ GROUPS = {
         Flag("--data-path", "data.data_path",
              "dataset prefix(es) from tools/preprocess_data.py, or a blend `W1 PREFIX1 W2 PREFIX2 ...`",
              dict(nargs="+")),
+        Flag("--mock-data", "data.mock_data",
+             "instead of --data-path: megatron-core's synthetic documents (ids 1, 2, 3, ... then EOD, random lengths; "
+             "padded to whole patches at K > 1), to try a launch before any data is preprocessed",
+             dict(action="store_true")),
         Flag("--data-args-path", "data.data_args_path",
              "a file holding the --data-path values (a long blend), as in Megatron-LM", dict()),
         Flag("--split", "data.split", "train,valid,test proportions of the documents", dict()),

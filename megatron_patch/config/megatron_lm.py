@@ -78,8 +78,6 @@ REFUSED = {
     "--activation-func-clamp-value": _GPT_OSS,
     "--enable-gpt-oss": _GPT_OSS,
     "--export-force-local-attention": _GPT_OSS,
-    "--mock-data": "synthetic data is not supported: preprocess a little real text with tools/preprocess_data.py "
-                   "(README, quick start)",
     "--train-data-path": _SPLIT_DATA,
     "--valid-data-path": _SPLIT_DATA,
     "--test-data-path": _SPLIT_DATA,

@@ -123,6 +123,7 @@ class ParallelConfig:
 class DataConfig:
     data_path: List[str] = field(default_factory=list)  # Megatron blend syntax: [w1] prefix1 [w2 prefix2 ...]
     data_args_path: Optional[str] = None  # Megatron-LM's: a file holding data_path's values (read into it)
+    mock_data: bool = False  # megatron-core's synthetic documents instead of data_path (Megatron-LM's --mock-data)
     split: str = "969,30,1"
     # The tokenizer (tokenizer.py): Megatron-LM's --tokenizer-type and the flags of each type.
     tokenizer_type: Optional[str] = None  # None: SentencePiece for a .model, HuggingFace for a .json / directory
@@ -585,8 +586,11 @@ class TrainingConfig:
         except TokenizerError as e:
             raise ConfigError(str(e)) from None
         self._read_data_args()
-        if not self.data.data_path:
-            raise ConfigError("--data-path (or --data-args-path) is required")
+        if self.data.mock_data:
+            if self.data.data_path:
+                raise ConfigError("--mock-data and --data-path: give one")
+        elif not self.data.data_path:
+            raise ConfigError("--data-path (or --data-args-path, or --mock-data) is required")
         for prefix in parse_blend(self.data.data_path)[0]:
             for suffix in (".bin", ".idx"):
                 if not os.path.isfile(prefix + suffix):
@@ -626,6 +630,8 @@ def token_level_view(cfg: TrainingConfig) -> TrainingConfig:
 def parse_blend(data_path: List[str]):
     """Megatron's blend syntax, `prefix [prefix ...]` or `weight prefix [weight prefix ...]`: (prefixes, weights or
     None) in megatron-core's `blend` format."""
+    if not data_path:
+        return [], None  # --mock-data
     try:
         float(data_path[0])
     except ValueError:

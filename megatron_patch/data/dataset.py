@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTLowLevelDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
@@ -71,6 +71,29 @@ class PatchView:
         return tokens.reshape(-1, k)
 
 
+class MockPatchView:
+    """--mock-data: megatron-core's mock documents (MockGPTLowLevelDataset: ids 1, 2, 3, ... modulo the vocabulary,
+    then EOD, of random lengths) seen as patches, each document padded with `pad_id` to whole patches as
+    preprocessing pads real ones."""
+
+    path_prefix = "--mock-data"
+
+    def __init__(self, tokenizer, patch_size: int, pad_id: int):
+        self.documents = MockGPTLowLevelDataset(tokenizer)
+        self.patch_size, self.pad_id = patch_size, pad_id
+        self.sequence_lengths = (-(-self.documents.sequence_lengths // patch_size)).astype(numpy.int32)
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def get(self, idx: int, offset: int = 0, length: Optional[int] = None) -> numpy.ndarray:
+        document = self.documents[idx]
+        padded = numpy.full(int(self.sequence_lengths[idx]) * self.patch_size, self.pad_id, dtype=numpy.int64)
+        padded[:len(document)] = document
+        patches = padded.reshape(-1, self.patch_size)
+        return patches[offset:None if length is None else offset + length]
+
+
 @dataclass
 class PatchGPTDatasetConfig(GPTDatasetConfig):
     patch_size: int = 1
@@ -103,7 +126,9 @@ class PatchGPTDataset(GPTDataset):
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
 
     @staticmethod
-    def build_low_level_dataset(dataset_path: str, config: PatchGPTDatasetConfig) -> PatchView:
+    def build_low_level_dataset(dataset_path: Optional[str], config: PatchGPTDatasetConfig):
+        if dataset_path is None:  # megatron-core's builder with no blend: --mock-data
+            return MockPatchView(config.tokenizer, config.patch_size, config.pad_id)
         return PatchView(GPTDataset.build_low_level_dataset(dataset_path, config), config.patch_size)
 
     @staticmethod
@@ -145,13 +170,14 @@ def build_datasets(
     is_built_on_rank,
     train_data_range: Tuple[float, float] = (0.0, 1.0),
 ):
-    """train/valid/test PatchGPTDatasets (None where a split is empty), via megatron-core's builder."""
+    """train/valid/test PatchGPTDatasets (None where a split is empty), via megatron-core's builder; no `prefixes`:
+    its mock documents (--mock-data)."""
     for prefix in prefixes:
         checked_dataset(prefix)
     config = PatchGPTDatasetConfig(
         random_seed=seed,
         sequence_length=num_patches,
-        blend=(prefixes, weights),
+        blend=(prefixes, weights) if prefixes else None,
         split=split,
         path_to_cache=cache_path,
         tokenizer=tokenizer,

@@ -186,10 +186,12 @@ class Trainer:
         train, valid, _ = datasets_for(self.cfg, self.tokenizer)
         return train, valid
 
-    def context_free_bound(self) -> float:
+    def context_free_bound(self) -> Optional[float]:
         """The unigram entropy of the blend this phase trains on (the pad id of patch-aligned data left out, as its
         labels get no loss)."""
         prefixes, weights = parse_blend(self.cfg.data.data_path)
+        if not prefixes:  # --mock-data: ids 1, 2, 3, ... bound nothing worth saying
+            return None
         return context_free_bound(prefixes, weights, alignment_pad_id(prefixes, self.tokenizer),
                                   self.cfg.data.data_cache_path)
 

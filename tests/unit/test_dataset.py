@@ -6,7 +6,7 @@ import numpy
 import pytest
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from helpers import PYTHON, run
@@ -35,6 +35,35 @@ def test_k1_reproduces_gpt_dataset(megatron_process, corpus, tmp_path):
     for i in range(len(ours)):
         a, b = ours[i], theirs[i]
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"]), i
+
+
+def test_mock_data_is_megatron_core_s_mock_documents(megatron_process, corpus, tmp_path):
+    """--mock-data: at K=1 exactly megatron-core's MockGPTDataset samples; at K=4 its documents, each padded to whole
+    patches, in samples shifted by one patch."""
+    tok = SentencePieceTokenizer(corpus["tokenizer"])
+    mock = [build_datasets([], None, "90,10,0", tok, k, T, [50, 10, 0], seed=7, pad_id=tok.pad,
+                           cache_path=str(tmp_path / "cache"), is_built_on_rank=lambda: True)[0] for k in (1, 4)]
+    config = GPTDatasetConfig(random_seed=7, sequence_length=T, blend=None, split="90,10,0",
+                              path_to_cache=str(tmp_path / "cache"), tokenizer=tok, reset_position_ids=False,
+                              reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+    theirs, _, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, [50, 10, 0], lambda: True, config).build()
+    assert len(mock[0]) == len(theirs) > 50  # one epoch of its 100,000 documents
+    for i in range(50):  # GPTDataset writes 0 for the pad id (3 here, a mock token like any other) in its samples
+        ours = mock[0][i]
+        for key in ("tokens", "labels"):
+            assert torch.equal(ours[key].masked_fill(ours[key] == tok.pad, 0), theirs[i][key]), (i, key)
+        assert torch.equal(ours["loss_mask"], theirs[i]["loss_mask"]), i
+    view = mock[1].dataset
+    for d in range(20):
+        document = theirs.dataset[d]
+        padded = view.get(d).reshape(-1)
+        assert len(padded) % 4 == 0 and len(padded) - len(document) < 4
+        assert numpy.array_equal(padded[:len(document)], document) and (padded[len(document):] == tok.pad).all()
+    for i in range(10):
+        sample = mock[1][i]
+        assert sample["tokens"].numel() == sample["labels"].numel() == 4 * T
+        assert torch.equal(sample["tokens"][4:], sample["labels"][:-4])
+        assert torch.equal(sample["loss_mask"] == 0, sample["labels"] == tok.pad)
 
 
 def test_k4_samples_are_patch_aligned_and_shifted_by_one_patch(megatron_process, corpus, tmp_path):

@@ -13,6 +13,7 @@ from megatron_patch.config.flags import PLAN_REQUIRED, parse_args
 from megatron_patch.config.plan import make_plan, phase_config
 from megatron_patch.config.schema import ConfigError
 from megatron_patch.distributed.step import lr_scheduler
+from megatron_patch.training import json_log
 from megatron_patch.training.trainer import Trainer
 
 
@@ -169,3 +170,18 @@ def test_data_args_path_is_the_data_path_read_from_a_file(corpus, tmp_path):
                             "--data-path and --data-args-path: give one")):
         with pytest.raises(ConfigError, match=message):
             parse_args([*argv, *flags]).resolve(world_size=1)
+
+
+def test_mock_data_trains_without_a_dataset(corpus, tmp_path):
+    """--mock-data (megatron-core's synthetic documents) runs a patch-level phase end to end with no --data-path;
+    with one, it is refused in one line."""
+    flags = [*phase_flags(corpus, tmp_path, 4, steps=2), "--mock-data"]
+    flags.pop(flags.index("--data-path") + 1)
+    flags.remove("--data-path")
+    trained = run([PYTHON, "pretrain_patch_gpt.py", *flags, "--log-json", str(tmp_path / "log.jsonl")])
+    losses = [r["loss"] for r in json_log.steps(tmp_path / "log.jsonl").values()]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert "unigram entropy" not in trained.stdout  # no frequencies to bound
+    both = run([PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path / "x", 4), "--mock-data"], check=False)
+    assert both.returncode == 2 and both.stderr.strip() == "pretrain_patch_gpt: error: --mock-data and --data-path: " \
+                                                           "give one"

@@ -18,21 +18,27 @@ import numpy
 import torch
 
 from megatron_patch.data.indexed import check_dataset, read_sidecar
+from megatron_patch.method.patching import patch_cross_entropy, patchify
 
 
 def patch_batches(tokens: numpy.ndarray, patch_size: int, patches: int):
-    """(inputs, targets): sequences of `patches` patches, and for patch i the K tokens of patch i+1."""
+    """(inputs, labels), each [sequences, T*K]: T patches, and for patch i the K tokens of patch i+1."""
     length = patch_size * (patches + 1)
     count = len(tokens) // length
-    sequences = torch.from_numpy(tokens[:count * length].astype(numpy.int64)).view(count, patches + 1, patch_size)
-    return sequences[:, :-1], sequences[:, 1:]
+    sequences = torch.from_numpy(tokens[:count * length].astype(numpy.int64)).view(count, length)
+    return sequences[:, :-patch_size], sequences[:, patch_size:]
 
 
-def k_target_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
-    log_probs = torch.log_softmax(logits, dim=-1)
-    picked = -log_probs.gather(-1, targets)  # [..., K]: one softmax scores all K targets
-    keep = targets != pad_id
-    return (picked * keep).sum() / keep.sum()
+def k_target_loss(logits: torch.Tensor, labels: torch.Tensor, patch_size: int, pad_id: int) -> torch.Tensor:
+    """The trainer's K-target loss (one softmax per patch scores its K labels), its pad labels left out."""
+    per_label = patch_cross_entropy(logits, labels, patch_size)
+    keep = labels != pad_id
+    return (per_label * keep).sum() / keep.sum()
+
+
+def bag_logits(embedding, output, inputs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[T, b, V]: the mean of each patch's K embeddings (the trainer's patchify) -> the linear layer."""
+    return output(patchify(embedding(inputs).transpose(0, 1), patch_size))
 
 
 def main() -> None:
@@ -59,7 +65,8 @@ def main() -> None:
     counts = numpy.bincount(numpy.asarray(tokens[:boundary]), minlength=vocab).astype(numpy.float64)
     counts[pad_id] = 0
     log_unigram = torch.from_numpy(numpy.log(numpy.maximum(counts, 1e-12) / counts.sum())).float()
-    unigram = k_target_loss(log_unigram.expand(*valid_x.shape[:2], vocab), valid_y, pad_id).item()
+    unigram_logits = log_unigram.expand(args.patches, len(valid_x), vocab)
+    unigram = k_target_loss(unigram_logits, valid_y, args.patch_size, pad_id).item()
 
     torch.manual_seed(args.seed)
     embedding = torch.nn.Embedding(vocab, args.hidden_size)
@@ -71,13 +78,15 @@ def main() -> None:
     curve = []
     for step in range(1, args.steps + 1):
         rows = torch.randint(len(train_x), (args.batch_size,), generator=generator)
-        loss = k_target_loss(output(embedding(train_x[rows]).mean(dim=2)), train_y[rows], pad_id)
+        loss = k_target_loss(bag_logits(embedding, output, train_x[rows], args.patch_size), train_y[rows],
+                             args.patch_size, pad_id)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % 20 == 0 or step == args.steps:
             with torch.no_grad():
-                valid = k_target_loss(output(embedding(valid_x).mean(dim=2)), valid_y, pad_id).item()
+                valid = k_target_loss(bag_logits(embedding, output, valid_x, args.patch_size), valid_y,
+                                      args.patch_size, pad_id).item()
             curve.append({"step": step, "train_loss": round(loss.item(), 4), "valid_loss": round(valid, 4)})
             print(f"bag model step {step:4d}: train {loss.item():.4f}, valid {valid:.4f} (unigram {unigram:.4f})")
     result = {"patch_size": args.patch_size, "unigram_valid_loss": round(unigram, 4),

@@ -222,8 +222,7 @@ def plateau_table(runs_dir: str, grid: str, flags: dict, at=(40, 80, 160), tail=
         train = sum(losses) / len(losses)
         cells = " | ".join(f"{valid[step]:.3f}" if step in valid else "n/a" for step in at)
         lines.append(f"| {r['variant'] or 'paper'} | {flags.get(r['variant'], 'none: the grid')} | {cells} | "
-                     f"{train:.3f} | "
-                     f"{train - bound:+.3f} | {r['ppl']:.1f} |")
+                     f"{train:.3f} | {train - bound:+.3f} | {r['ppl']:.1f} |")
     return "\n".join(lines)
 
 

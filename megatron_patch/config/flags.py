@@ -146,6 +146,12 @@ GROUPS = {
         Flag("--data-args-path", "data.data_args_path",
              "a file holding the --data-path values (a long blend), as in Megatron-LM", dict()),
         Flag("--split", "data.split", "train,valid,test proportions of the documents", dict()),
+        *[Flag(f"--{split}-data-path", f"data.{split}_data_path",
+               f"instead of --data-path and --split: the {name} data's own prefix(es) or blend", dict(nargs="*"))
+          for split, name in (("train", "training"), ("valid", "validation"), ("test", "test"))],
+        Flag("--per-split-data-args-path", "data.per_split_data_args_path",
+             'a JSON file of the three per-split blends, {"train": ..., "valid": ..., "test": ...} (each a list of '
+             'values or a string of them), as in Megatron-LM', dict()),
         *[Flag(name, f"data.{field}", text, kwargs) for name, field, text, kwargs in TOKENIZER_FLAGS],
         Flag("--data-cache-path", "data.data_cache_path", "where megatron-core caches sample indices", dict()),
         Flag("--num-workers", "data.num_workers", "data loader worker processes", dict(type=int)),

@@ -59,7 +59,6 @@ _FSDP = "Megatron FSDP is not supported: shard with --use-distributed-optimizer,
 _FP8 = ("fp8 training is not wired here yet (Transformer Engine's fp8 recipes, GPU only): train in --bf16; "
         "the GPU check (benchmarks/) is where it will be measured")
 _GPT_OSS = "gpt-oss's attention and MLP variants are not supported here (a LLaMA-style dense GPT is)"
-_SPLIT_DATA = "per-split data paths are not supported here: give --data-path with --split"
 # flag -> why it is refused and what to use instead
 REFUSED = {
     "--step-batch-size-schedule": "batch-size ramp-up is not supported: a patch-level plan keeps the tokens per step "
@@ -78,10 +77,6 @@ REFUSED = {
     "--activation-func-clamp-value": _GPT_OSS,
     "--enable-gpt-oss": _GPT_OSS,
     "--export-force-local-attention": _GPT_OSS,
-    "--train-data-path": _SPLIT_DATA,
-    "--valid-data-path": _SPLIT_DATA,
-    "--test-data-path": _SPLIT_DATA,
-    "--per-split-data-args-path": _SPLIT_DATA,
 }
 # a flag starting so -> why it is refused
 REFUSED_FAMILIES = {"--moe-": _MOE, "--fsdp-": _FSDP, "--fp8-": _FP8}

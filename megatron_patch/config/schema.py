@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import re
@@ -34,6 +35,8 @@ MODEL_CLASSES = ("gpt", "hybrid")  # megatron-core's GPTModel, or its HybridMode
 LOCAL_HYBRID_LAYERS = {"*": "attention", "-": "MLP"}  # what the local (torch) layers build of a hybrid pattern
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")  # megatron-core's scheduler's
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+SPLITS = ("train", "valid", "test")  # megatron-core's Split order
+DEFAULT_SPLIT = "969,30,1"
 LR_REQUIRED = "--lr is required (the peak learning rate), as in Megatron-LM; --recipe paper sets the paper's 3e-4"
 
 
@@ -123,8 +126,14 @@ class ParallelConfig:
 class DataConfig:
     data_path: List[str] = field(default_factory=list)  # Megatron blend syntax: [w1] prefix1 [w2 prefix2 ...]
     data_args_path: Optional[str] = None  # Megatron-LM's: a file holding data_path's values (read into it)
+    # Instead of data_path and split: each split's own blend (Megatron-LM's --train/valid/test-data-path, or a JSON
+    # file of them, --per-split-data-args-path, read into them). An empty one: that split has no data.
+    train_data_path: List[str] = field(default_factory=list)
+    valid_data_path: List[str] = field(default_factory=list)
+    test_data_path: List[str] = field(default_factory=list)
+    per_split_data_args_path: Optional[str] = None
     mock_data: bool = False  # megatron-core's synthetic documents instead of data_path (Megatron-LM's --mock-data)
-    split: str = "969,30,1"
+    split: str = DEFAULT_SPLIT
     # The tokenizer (tokenizer.py): Megatron-LM's --tokenizer-type and the flags of each type.
     tokenizer_type: Optional[str] = None  # None: SentencePiece for a .model, HuggingFace for a .json / directory
     tokenizer_model: Optional[str] = None
@@ -137,6 +146,34 @@ class DataConfig:
     # [start, end) fractions of the training split's tokens this phase reads (a plan gives phase 1 [0, lambda)
     # and phase 2 [lambda, 1), so phase 2 continues on data phase 1 has not seen).
     train_data_range: Tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def per_split(self) -> bool:
+        """Whether each split has its own blend (then data_path and split are not read)."""
+        return any(getattr(self, f"{split}_data_path") for split in SPLITS)
+
+    def blends(self) -> dict:
+        """split name -> (flag, blend values) of the data a run reads: --data-path's for every split, or each
+        split's own (empty: none)."""
+        if self.per_split:
+            return {split: (f"--{split}-data-path", getattr(self, f"{split}_data_path")) for split in SPLITS}
+        return {split: ("--data-path", self.data_path) for split in SPLITS}
+
+    def training_blend(self) -> tuple:
+        """(prefixes, weights) of the training data."""
+        flag, values = self.blends()["train"]
+        return parse_blend(values, flag)
+
+    def prefixes(self) -> List[str]:
+        """Every dataset prefix the run reads, once each, in order."""
+        return list(dict.fromkeys(prefix for flag, values in self.blends().values()
+                                  for prefix in parse_blend(values, flag)[0]))
+
+    def read_only(self, data_path: List[str]) -> None:
+        """Read `data_path` (all splits, by --split) instead of the data configured."""
+        self.data_path = list(data_path)
+        for split in SPLITS:
+            setattr(self, f"{split}_data_path", [])
 
 
 @dataclass
@@ -567,7 +604,8 @@ class TrainingConfig:
         start, end = self.data.train_data_range
         if not 0.0 <= start < end <= 1.0:
             raise ConfigError(f"--train-data-range {start} {end}: need 0 <= start < end <= 1")
-        check_split(self.data.split)
+        if not self.data.per_split:
+            check_split(self.data.split)
         if self.save_interval is not None and self.save is None:
             raise ConfigError("--save-interval needs --save")
         if not self.deepspeed.enabled and (self.deepspeed.config or self.deepspeed.zero_stage is not None):
@@ -582,39 +620,71 @@ class TrainingConfig:
                 self.notices.append(f"--vocab-size {self.data.vocab_size}: no effect with {kind} (its vocabulary is "
                                     f"the tokenizer's)")
                 self.data.vocab_size = None
-            TokenizerSpec.of(self.data).resolved()
+            TokenizerSpec.of(self.data).resolved()  # the spec without the --vocab-size it does not read
         except TokenizerError as e:
             raise ConfigError(str(e)) from None
         self._read_data_args()
-        if self.data.mock_data:
-            if self.data.data_path:
-                raise ConfigError("--mock-data and --data-path: give one")
-        elif not self.data.data_path:
-            raise ConfigError("--data-path (or --data-args-path, or --mock-data) is required")
-        for prefix in parse_blend(self.data.data_path)[0]:
-            for suffix in (".bin", ".idx"):
-                if not os.path.isfile(prefix + suffix):
-                    raise ConfigError(f"--data-path: {prefix}{suffix} does not exist")
+        d = self.data
+        sources = [flag for flag, given in (("--mock-data", d.mock_data), ("--data-path", d.data_path),
+                                            ("--train/valid/test-data-path", d.per_split)) if given]
+        if len(sources) > 1:
+            raise ConfigError(f"{' and '.join(sources)}: give one data source")
+        if not sources:
+            raise ConfigError("--data-path (or --data-args-path, --train-data-path, --per-split-data-args-path, or "
+                              "--mock-data) is required")
+        if d.per_split:
+            if not d.train_data_path:
+                raise ConfigError("--train-data-path is required with --valid-data-path/--test-data-path")
+            if d.split != DEFAULT_SPLIT:
+                raise ConfigError(f"--split {d.split} and --train-data-path: give one (with per-split data paths "
+                                  f"each split is its own blend)")
+        for flag, values in d.blends().values():
+            for prefix in parse_blend(values, flag)[0]:
+                for suffix in (".bin", ".idx"):
+                    if not os.path.isfile(prefix + suffix):
+                        raise ConfigError(f"{flag}: {prefix}{suffix} does not exist")
         if self.pretrained_checkpoint and not layout.has_tracker(self.pretrained_checkpoint):
             raise ConfigError(f"--pretrained-checkpoint {self.pretrained_checkpoint}: no {layout.TRACKER} there")
 
 
     def _read_data_args(self) -> None:
-        """--data-args-path FILE: the --data-path values, whitespace-separated, as Megatron-LM reads them."""
+        """--data-args-path FILE: the --data-path values, whitespace-separated; --per-split-data-args-path FILE: a
+        JSON object of the three splits' values (lists, or strings of them). Both as Megatron-LM reads them."""
         d = self.data
-        if d.data_args_path is None:
-            return
-        if d.data_path:
-            raise ConfigError("--data-path and --data-args-path: give one")
-        try:
-            with open(d.data_args_path) as f:
-                values = f.read().split()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--data-args-path {d.data_args_path}: {getattr(e, 'strerror', None) or e}") from None
-        if not values:
-            raise ConfigError(f"--data-args-path {d.data_args_path}: the file is empty (it should hold --data-path's "
-                              f"values, e.g. `0.7 data/a_text_document 0.3 data/b_text_document`)")
-        d.data_path, d.data_args_path = values, None  # the run records the blend itself
+        if d.data_args_path is not None:
+            if d.data_path:
+                raise ConfigError("--data-path and --data-args-path: give one")
+            values = _read_text(d.data_args_path, "--data-args-path").split()
+            if not values:
+                raise ConfigError(f"--data-args-path {d.data_args_path}: the file is empty (it should hold "
+                                  f"--data-path's values, e.g. `0.7 data/a_text_document 0.3 data/b_text_document`)")
+            d.data_path, d.data_args_path = values, None  # the run records the blend itself
+        if d.per_split_data_args_path is not None:
+            path, where = d.per_split_data_args_path, f"--per-split-data-args-path {d.per_split_data_args_path}"
+            if d.per_split:
+                raise ConfigError("--train/valid/test-data-path and --per-split-data-args-path: give one")
+            try:
+                values = json.loads(_read_text(path, "--per-split-data-args-path"))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not JSON ({e.msg} at line {e.lineno})") from None
+            if not isinstance(values, dict) or not set(SPLITS) <= values.keys():
+                raise ConfigError(f"{where}: need a JSON object with keys {', '.join(SPLITS)}, e.g. "
+                                  f'{{"train": "0.7 data/a 0.3 data/b", "valid": ["data/c"], "test": []}}')
+            for split in SPLITS:
+                value = values[split].split() if isinstance(values[split], str) else values[split]
+                if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+                    raise ConfigError(f"{where}: {split!r} must be a list of --{split}-data-path values or a string "
+                                      f"of them")
+                setattr(d, f"{split}_data_path", [str(v) for v in value])
+            d.per_split_data_args_path = None
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag} {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def token_level_view(cfg: TrainingConfig) -> TrainingConfig:
@@ -627,9 +697,9 @@ def token_level_view(cfg: TrainingConfig) -> TrainingConfig:
     return out
 
 
-def parse_blend(data_path: List[str]):
+def parse_blend(data_path: List[str], flag: str = "--data-path"):
     """Megatron's blend syntax, `prefix [prefix ...]` or `weight prefix [weight prefix ...]`: (prefixes, weights or
-    None) in megatron-core's `blend` format."""
+    None) in megatron-core's `blend` format. `flag`: the flag the values came from (for errors)."""
     if not data_path:
         return [], None  # --mock-data
     try:
@@ -637,16 +707,16 @@ def parse_blend(data_path: List[str]):
     except ValueError:
         return list(data_path), None
     if len(data_path) % 2:
-        raise ConfigError(f"--data-path: weighted blends need `weight prefix` pairs, got {len(data_path)} values")
+        raise ConfigError(f"{flag}: weighted blends need `weight prefix` pairs, got {len(data_path)} values")
     weights = []
     for text, prefix in zip(data_path[0::2], data_path[1::2]):
         try:
             weight = float(text)
         except ValueError:
-            raise ConfigError(f"--data-path: the weight of {prefix} is {text!r}, not a number (a weighted blend is "
+            raise ConfigError(f"{flag}: the weight of {prefix} is {text!r}, not a number (a weighted blend is "
                               f"`weight prefix` pairs)") from None
         if not 0 < weight < math.inf:
-            raise ConfigError(f"--data-path: the weight of {prefix} is {text}; weights must be positive numbers")
+            raise ConfigError(f"{flag}: the weight of {prefix} is {text}; weights must be positive numbers")
         weights.append(weight)
     return list(data_path[1::2]), weights
 

@@ -139,10 +139,11 @@ class PatchGPTDataset(GPTDataset):
         # megatron-core loops forever when samples are requested from a split without documents.
         if num_tokens_per_epoch == 0:
             if self.num_samples:
+                rule = f" of --split {self.config.split}" if self.config.split else ""  # None: per-split paths
                 raise DataError(
-                    f"{self.dataset.path_prefix}: the {self.index_split.name} split of --split {self.config.split} "
-                    f"has no documents ({len(self.dataset)} in the dataset) but {self.num_samples} samples are "
-                    f"needed from it; change --split or use more data"
+                    f"{self.dataset.path_prefix}: the {self.index_split.name} split{rule} has no "
+                    f"documents ({len(self.dataset)} in the dataset) but {self.num_samples} samples are needed from "
+                    f"it; {'change --split or ' if self.config.split else ''}use more data"
                 )
             return 1
         return super()._get_num_epochs(num_tokens_per_epoch)
@@ -169,16 +170,20 @@ def build_datasets(
     cache_path: Optional[str],
     is_built_on_rank,
     train_data_range: Tuple[float, float] = (0.0, 1.0),
+    blend_per_split: Optional[list] = None,
 ):
-    """train/valid/test PatchGPTDatasets (None where a split is empty), via megatron-core's builder; no `prefixes`:
-    its mock documents (--mock-data)."""
-    for prefix in prefixes:
-        checked_dataset(prefix)
+    """train/valid/test PatchGPTDatasets (None where a split is empty), via megatron-core's builder, from the blend
+    `prefixes`/`weights` divided by `split`, or from `blend_per_split` (one (prefixes, weights) or None per split,
+    `prefixes` empty); neither: its mock documents (--mock-data)."""
+    for blend in [(prefixes, weights), *(blend_per_split or [])]:
+        for prefix in (blend or ([], None))[0]:
+            checked_dataset(prefix)
     config = PatchGPTDatasetConfig(
         random_seed=seed,
         sequence_length=num_patches,
         blend=(prefixes, weights) if prefixes else None,
-        split=split,
+        blend_per_split=blend_per_split,
+        split=None if blend_per_split else split,
         path_to_cache=cache_path,
         tokenizer=tokenizer,
         reset_position_ids=False,
@@ -222,11 +227,16 @@ def alignment_pad_id(prefixes: List[str], tokenizer) -> int:
 def datasets_for(cfg: TrainingConfig, tokenizer, samples: Optional[list] = None):
     """The (train, valid, test) PatchGPTDatasets a run of `cfg` reads (None where a split is empty); `samples`:
     other sample counts than the run's."""
-    prefixes, weights = parse_blend(cfg.data.data_path)
+    data = cfg.data
+    prefixes, weights, per_split = [], None, None
+    if data.per_split:
+        per_split = [parse_blend(values, flag) if values else None for flag, values in data.blends().values()]
+    else:
+        prefixes, weights = parse_blend(data.data_path)
     train, valid, test = build_datasets(
-        prefixes, weights, cfg.data.split, tokenizer, cfg.patch_size, cfg.num_patches, samples or num_samples(cfg),
-        cfg.seed, alignment_pad_id(prefixes, tokenizer), cfg.data.data_cache_path, lambda: True,
-        cfg.data.train_data_range,
+        prefixes, weights, data.split, tokenizer, cfg.patch_size, cfg.num_patches, samples or num_samples(cfg),
+        cfg.seed, alignment_pad_id(data.prefixes(), tokenizer), data.data_cache_path, lambda: True,
+        data.train_data_range, per_split,
     )
     return train, valid, test
 

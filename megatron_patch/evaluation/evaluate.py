@@ -33,7 +33,7 @@ from megatron.core import parallel_state
 
 from megatron_patch.checkpoint.guards import locate
 from megatron_patch.checkpoint.model_chunks import model_chunks
-from megatron_patch.config.schema import ConfigError, ParallelConfig, TrainingConfig, parse_blend, token_level_view
+from megatron_patch.config.schema import ConfigError, ParallelConfig, TrainingConfig, token_level_view
 from megatron_patch.config.tokenizer import TokenizerSpec
 from megatron_patch.data.corpus import expand_inputs, read_documents
 from megatron_patch.data.dataset import datasets_for, micro_batches, num_samples
@@ -193,7 +193,7 @@ def _score_dataset(model: CheckpointModel, request: EvaluationRequest, view: Tra
     config.token_level_view of its config: the same samples)."""
     cfg = copy.deepcopy(view)
     if request.data_path:
-        cfg.data.data_path = request.data_path
+        cfg.data.read_only(request.data_path)
     cfg.data.data_cache_path = request.data_cache_path
     cfg.global_batch_size = request.global_batch_size or cfg.global_batch_size
     cfg.eval_iters = request.eval_iters or cfg.eval_iters
@@ -202,9 +202,10 @@ def _score_dataset(model: CheckpointModel, request: EvaluationRequest, view: Tra
     byte_lengths = model.tokenizer.piece_byte_lengths()
     if split == "all":
         total = Scores(0.0, 0, 0)
-        for prefix in parse_blend(cfg.data.data_path)[0]:
+        for prefix in cfg.data.prefixes():
             # Every token of every dataset once: asked for one sample of one split, megatron builds one epoch.
-            cfg.data.data_path, cfg.data.split, cfg.data.train_data_range = [prefix], "1,0,0", (0.0, 1.0)
+            cfg.data.read_only([prefix])
+            cfg.data.split, cfg.data.train_data_range = "1,0,0", (0.0, 1.0)
             dataset = datasets_for(cfg, model.tokenizer, samples=[1, 0, 0])[0]
             epoch = _whole_batches(len(dataset), request.micro_batch_size * dp_size)
             if epoch == 0:
@@ -220,7 +221,8 @@ def _score_dataset(model: CheckpointModel, request: EvaluationRequest, view: Tra
     samples[2] = cfg.eval_iters * cfg.global_batch_size  # the test split, which training never reads
     dataset = dict(zip(SPLITS, datasets_for(cfg, model.tokenizer, samples)))[split]
     if dataset is None:
-        raise EvaluationError(f"--split-name {split}: --split {cfg.data.split} gives it no documents")
+        given = f"no --{split}-data-path" if cfg.data.per_split else f"--split {cfg.data.split}"
+        raise EvaluationError(f"--split-name {split}: {given} gives it no documents")
     count = cfg.eval_iters * cfg.global_batch_size
     return model.score(dataset, min(count, _whole_batches(len(dataset), request.micro_batch_size * dp_size)),
                        request.micro_batch_size, cfg.patch_size, byte_lengths)

@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from megatron_patch.checkpoint import layout
 from megatron_patch.checkpoint.guards import describe_run
 from megatron_patch.checkpoint.model_chunks import model_chunks
-from megatron_patch.config.schema import TrainingConfig, padded_vocab_size, parse_blend, to_dict
+from megatron_patch.config.schema import TrainingConfig, padded_vocab_size, to_dict
 from megatron_patch.config.tokenizer import TokenizerSpec
 from megatron_patch.data.dataset import alignment_pad_id, dataset_sizes, datasets_for, micro_batches
 from megatron_patch.data.tokenizers.wrappers import build_tokenizer
@@ -44,7 +44,7 @@ class Trainer:
         if cfg.disable_bf16_reduced_precision_matmul:  # Megatron-LM's flag; read by CUDA's bf16 GEMMs only
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         self.tokenizer = build_tokenizer(TokenizerSpec.of(cfg.data))
-        self.run_description = describe_run(cfg, dataset_sizes(*parse_blend(cfg.data.data_path)))
+        self.run_description = describe_run(cfg, dataset_sizes(*cfg.data.training_blend()))
         self.checkpoints = engine_class.checkpoint_manager(cfg, self.run_description)
         # The compute axis (flops.py): tokens and model FLOPs since the start of the run, earlier phases included.
         self.flops_per_step = cfg.global_batch_size * training_flops_per_sample(
@@ -182,14 +182,15 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------------------------------------
     def build_datasets(self):
-        """(train, validation) PatchGPTDatasets; validation is None when --split gives it nothing."""
+        """(train, validation) PatchGPTDatasets; validation is None when --split (or no --valid-data-path) gives it
+        nothing."""
         train, valid, _ = datasets_for(self.cfg, self.tokenizer)
         return train, valid
 
     def context_free_bound(self) -> Optional[float]:
         """The unigram entropy of the blend this phase trains on (the pad id of patch-aligned data left out, as its
         labels get no loss)."""
-        prefixes, weights = parse_blend(self.cfg.data.data_path)
+        prefixes, weights = self.cfg.data.training_blend()
         if not prefixes:  # --mock-data: ids 1, 2, 3, ... bound nothing worth saying
             return None
         return context_free_bound(prefixes, weights, alignment_pad_id(prefixes, self.tokenizer),

@@ -145,3 +145,32 @@ def test_blend_follows_its_weights_is_seeded_and_cached(megatron_process, corpus
     assert all(torch.equal(blend[i]["tokens"], again[i]["tokens"]) for i in range(len(blend)))
     reseeded = _blend(corpus, second_dataset, tmp_path / "cache", seed=8)
     assert not all(torch.equal(blend[i]["tokens"], reseeded[i]["tokens"]) for i in range(20))
+
+
+def test_per_split_blends_are_megatron_core_s(megatron_process, corpus, second_dataset, tmp_path):
+    """--train/valid/test-data-path: each split is the whole of its own blend, exactly as megatron-core's builder
+    reads `blend_per_split` (K=1); at K=4 a plan's data range cuts the training blend only."""
+    tok = SentencePieceTokenizer(corpus["tokenizer"])
+    per_split = [([corpus["plain"]], None), ([corpus["plain"]], None), None]
+    ours = build_datasets([], None, None, tok, 1, T, [200, 20, 0], seed=7, pad_id=tok.pad,
+                          cache_path=str(tmp_path / "cache"), is_built_on_rank=lambda: True, blend_per_split=per_split)
+    config = GPTDatasetConfig(random_seed=7, sequence_length=T, blend_per_split=per_split, split=None,
+                              path_to_cache=str(tmp_path / "cache"), tokenizer=tok, reset_position_ids=False,
+                              reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+    theirs = BlendedMegatronDatasetBuilder(GPTDataset, [200, 20, 0], lambda: True, config).build()
+    assert ours[2] is None and theirs[2] is None
+    for a, b in zip(ours[:2], theirs[:2]):
+        assert len(a) == len(b) > 0
+        assert all(torch.equal(a[i]["tokens"], b[i]["tokens"]) for i in range(len(a)))
+    documents = len(IndexedDataset(corpus["plain"]))
+    assert len(set(ours[0].document_index.tolist())) == len(set(ours[1].document_index.tolist())) == documents
+
+    cut = [([corpus["aligned4"]], None), ([second_dataset], None), None]
+    (whole, valid, _), (half, valid_half, _) = (
+        build_datasets([], None, None, tok, 4, T, [100, 10, 0], seed=7, pad_id=tok.pad,
+                       cache_path=str(tmp_path / "cache"), is_built_on_rank=lambda: True, train_data_range=r,
+                       blend_per_split=cut) for r in [(0.0, 1.0), (0.0, 0.5)])
+    assert set(half.document_index.tolist()) < set(whole.document_index.tolist()) == set(range(len(
+        IndexedDataset(corpus["aligned4"]))))
+    assert len(valid) == len(valid_half) and torch.equal(valid[0]["tokens"], valid_half[0]["tokens"])
+    assert len(set(valid.document_index.tolist())) == len(IndexedDataset(second_dataset))

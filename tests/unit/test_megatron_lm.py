@@ -156,7 +156,8 @@ def test_the_tables_hold_no_flag_of_ours_and_only_megatron_lm_flags():
 # the value means the same thing spelled otherwise.
 SAME_MEANING = {
     "--split": "None there becomes 969,30,1 (its legacy default), ours is 969,30,1",
-    "--data-path": "None there, [] here: no data given",
+    **{flag: "None there, [] here: no data given" for flag in ("--data-path", "--train-data-path",
+                                                                "--valid-data-path", "--test-data-path")},
     "--num-query-groups": "1 there; None here means 1 with --group-query-attention",
     "--transformer-impl": "transformer_engine there; None here resolves to it when it imports (else local, said)",
     "--local-rank": "set by the launcher",

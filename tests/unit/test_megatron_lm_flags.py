@@ -2,7 +2,9 @@
 fractions and WSD follow megatron-core's scheduler, --recipe paper is the paper's optimizer, --decoupled-lr gives
 the embedding and output layer their own LR, --no-load-optim / --no-load-rng / --finetune resume what they say."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -185,3 +187,45 @@ def test_mock_data_trains_without_a_dataset(corpus, tmp_path):
     both = run([PYTHON, "pretrain_patch_gpt.py", *phase_flags(corpus, tmp_path / "x", 4), "--mock-data"], check=False)
     assert both.returncode == 2 and both.stderr.strip() == "pretrain_patch_gpt: error: --mock-data and --data-path: " \
                                                            "give one"
+
+
+def test_per_split_data_paths_read_each_split_from_its_own_blend(corpus, tmp_path):
+    """--train-data-path trains exactly as --data-path with --split 1,0,0 does (the same samples) and validates on
+    --valid-data-path; --per-split-data-args-path is the same three blends from a JSON file, lists or strings."""
+    def trained(out, *data):
+        flags = [*phase_flags(corpus, out, 4, steps=2), *data, "--eval-interval", "1", "--log-json", str(out / "log")]
+        at = flags.index("--data-path")
+        del flags[at:at + 2]
+        run([PYTHON, "pretrain_patch_gpt.py", *flags])
+        return [r["loss"] for r in json_log.steps(out / "log").values()], json_log.last_summary(out / "log")
+
+    aligned, blend = corpus["aligned4"], ["0.6", corpus["aligned4"], "0.4", corpus["aligned4"]]
+    per_split = trained(tmp_path / "a", "--train-data-path", aligned, "--valid-data-path", *blend)
+    one_blend = trained(tmp_path / "b", "--data-path", aligned, "--split", "1,0,0")
+    assert per_split[0] == one_blend[0] and len(per_split[0]) == 2
+    assert math.isfinite(per_split[1]["valid_loss"]) and one_blend[1]["valid_loss"] is None  # 1,0,0: no validation
+
+    argv = ["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "8", "--lr", "1e-3",
+            "--tokenizer-model", corpus["tokenizer"], "--train-iters", "2"]
+    given = parse_args([*argv, "--train-data-path", aligned, "--valid-data-path", *blend]).resolve(1).data
+    for valid in (blend, " ".join(blend)):
+        (tmp_path / "splits.json").write_text(json.dumps({"train": [aligned], "valid": valid, "test": []}))
+        read = parse_args([*argv, "--per-split-data-args-path", str(tmp_path / "splits.json")]).resolve(1).data
+        assert (read.train_data_path, read.valid_data_path, read.test_data_path) == ([aligned], blend, [])
+        assert read.blends() == given.blends()
+    (tmp_path / "bad.json").write_text('{"train": ["x"], "valid": []}')
+    for flags, message in (
+            (["--train-data-path", aligned, "--data-path", aligned], "--data-path and --train/valid/test-data-path: "
+                                                                     "give one data source"),
+            (["--train-data-path", aligned, "--split", "90,10,0"], "--split 90,10,0 and --train-data-path: give one"),
+            (["--valid-data-path", aligned], "--train-data-path is required with --valid-data-path"),
+            (["--train-data-path", aligned, "--test-data-path", "0.5", aligned, "x"],
+             "--test-data-path: weighted blends need `weight prefix` pairs"),
+            (["--train-data-path", aligned, "--valid-data-path", str(tmp_path / "missing")],
+             f"--valid-data-path: {tmp_path / 'missing'}.bin does not exist"),
+            (["--per-split-data-args-path", str(tmp_path / "bad.json")], "bad.json: need a JSON object with keys "
+                                                                         "train, valid, test"),
+            (["--per-split-data-args-path", str(tmp_path / "splits.json"), "--train-data-path", aligned],
+             "--train/valid/test-data-path and --per-split-data-args-path: give one")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_args([*argv, *flags]).resolve(world_size=1)

@@ -15,6 +15,8 @@ from megatron_patch.config.presets import MODEL_PRESETS, RECIPES
 from megatron_patch.config.schema import (
     ATTENTION_BACKENDS,
     CKPT_FORMATS,
+    FP8_FORMATS,
+    FP8_RECIPES,
     LR_DECAY_STYLES,
     MODEL_CLASSES,
     RECOMPUTE_MODULES,
@@ -176,6 +178,28 @@ GROUPS = {
         Flag("--fp16", "fp16", "fp16 weights and activations, fp32 master weights, loss scaling (dynamic unless "
              "--loss-scale): a step whose gradients overflow is skipped and the scale halves",
              dict(action="store_true")),
+        Flag("--fp8-format", "fp8.format",
+             "Transformer Engine's fp8 GEMMs in the transformer layers (GPU, --transformer-impl transformer_engine): "
+             "e4m3, or hybrid (e5m2 gradients); with --bf16 or --fp16 for the rest", dict(choices=list(FP8_FORMATS))),
+        Flag("--fp8-recipe", "fp8.recipe", "fp8 scaling: delayed (amax history), tensorwise (current), mxfp8 "
+             "(Blackwell), blockwise", dict(choices=list(FP8_RECIPES))),
+        Flag("--fp8-margin", "fp8.margin", "delayed scaling: the margin of the scaling factor", dict(type=int)),
+        Flag("--fp8-amax-history-len", "fp8.amax_history_len", "delayed scaling: the amax history's length",
+             dict(type=int)),
+        Flag("--fp8-amax-compute-algo", "fp8.amax_compute_algo", "delayed scaling: the amax of the history",
+             dict(choices=["most_recent", "max"])),
+        Flag("--no-fp8-wgrad", "fp8.wgrad", "the weight gradients' GEMMs in higher precision",
+             dict(action="store_true"), negated=True),
+        Flag("--fp8-param-gather", "fp8.param_gather",
+             "keep the weights in fp8 and all-gather them so (needs --use-distributed-optimizer)",
+             dict(action="store_true")),
+        Flag("--first-last-layers-bf16", "fp8.first_last_layers_bf16",
+             "the first and last transformer layers outside fp8 (not with --fp8-recipe delayed)",
+             dict(action="store_true")),
+        Flag("--num-layers-at-start-in-bf16", "fp8.num_layers_at_start_in_bf16",
+             "with --first-last-layers-bf16: layers at the start kept out of fp8", dict(type=int)),
+        Flag("--num-layers-at-end-in-bf16", "fp8.num_layers_at_end_in_bf16",
+             "with --first-last-layers-bf16: layers at the end kept out of fp8", dict(type=int)),
         Flag("--disable-bf16-reduced-precision-matmul", "disable_bf16_reduced_precision_matmul",
              "CUDA: no reduced-precision reductions in bf16 matmuls (torch.backends.cuda.matmul)",
              dict(action="store_true")),
@@ -337,6 +361,8 @@ VALUE_TYPES = {
     "--init-method-std": positive_float, "--norm-epsilon": positive_float, "--adam-eps": positive_float,
     "--exit-duration-in-mins": positive_float, "--peak-tflops": positive_float, "--loss-scale": positive_float,
     "--initial-loss-scale": positive_float, "--min-loss-scale": positive_float,
+    "--fp8-margin": non_negative_int, "--num-layers-at-start-in-bf16": non_negative_int,
+    "--num-layers-at-end-in-bf16": non_negative_int,
 }
 CONFIG_CHECKED = {"--patch-size", "--seq-length", "--train-iters", "--patch-fraction", "--train-data-range",
                   "--distributed-timeout-minutes"}

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 ALIASES = {
     "--use-flash-attn": ["--attention-backend", "flash"],
     "--recompute-activations": ["--recompute-granularity", "selective"],
+    "--disable-fp8-wgrad": ["--no-fp8-wgrad"],
 }
 
 _FUSED = "a kernel-fusion toggle: fusions are megatron-core's and Transformer Engine's choice here, numerically alike"
@@ -49,6 +50,8 @@ NO_EFFECT = {
     "--calculate-per-token-loss": "every micro-batch has the same number of tokens and none is masked, so the mean "
                                   "per token and the mean per micro-batch are equal",
     "--tiktoken-pattern": "for TikTokenizer, which is not supported here (see --tokenizer-type)",
+    "--fp8-interval": "deprecated: Transformer Engine's delayed scaling (>= 1.12) has no interval and rescales "
+                      "every step",
     "--no-position-embedding": "positions come from --position-embedding-type: with rope no learned positions are "
                                "added to the embeddings; with learned_absolute they are",
 }
@@ -56,8 +59,9 @@ NO_EFFECT = {
 _MOE = ("mixture-of-experts layers are not supported here (the dense GPT and the attention/MLP hybrid are); "
         "train a dense model")
 _FSDP = "Megatron FSDP is not supported: shard with --use-distributed-optimizer, or --deepspeed --zero-stage 3"
-_FP8 = ("fp8 training is not wired here yet (Transformer Engine's fp8 recipes, GPU only): train in --bf16; "
-        "the GPU check (benchmarks/) is where it will be measured")
+_FP8 = ("not wired here: --fp8-format with the delayed, tensorwise, mxfp8 or blockwise recipe is; fp8 attention, "
+        "fp8 output projections and custom quantizers are not")
+_FP4 = "fp4 (NVFP4, Blackwell) is not supported here: use --fp8-format"
 _GPT_OSS = "gpt-oss's attention and MLP variants are not supported here (a LLaMA-style dense GPT is)"
 # flag -> why it is refused and what to use instead
 REFUSED = {
@@ -79,7 +83,7 @@ REFUSED = {
     "--export-force-local-attention": _GPT_OSS,
 }
 # a flag starting so -> why it is refused
-REFUSED_FAMILIES = {"--moe-": _MOE, "--fsdp-": _FSDP, "--fp8-": _FP8}
+REFUSED_FAMILIES = {"--moe-": _MOE, "--fsdp-": _FSDP, "--fp8-": _FP8, "--fp4-": _FP4}
 
 # flag -> (the value(s) that change nothing, why those are accepted, why any other is refused)
 BY_VALUE = {
@@ -97,6 +101,8 @@ BY_VALUE = {
 REFUSED_VALUES = {
     "--ckpt-format": {"fsdp_dtensor": _FSDP, "torch_dcp": "use torch_dist (megatron-core's dist_checkpointing over "
                       "torch.distributed.checkpoint)", "zarr": "use torch_dist"},
+    "--fp8-recipe": {"custom": "a custom quantizer (--fp8-quantizer-factory) is not wired here: use delayed, "
+                     "tensorwise, mxfp8 or blockwise"},
     "--transformer-impl": {"inference_optimized": "an inference-only layer implementation; use local or "
                            "transformer_engine"},
 }

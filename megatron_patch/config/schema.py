@@ -176,6 +176,28 @@ class DataConfig:
             setattr(self, f"{split}_data_path", [])
 
 
+FP8_FORMATS = ("e4m3", "hybrid")  # Megatron-LM's --fp8-format: e4m3 everywhere, or e5m2 for the gradients
+FP8_RECIPES = ("tensorwise", "delayed", "mxfp8", "blockwise")  # Megatron-LM's, less `custom`
+
+
+@dataclass
+class Fp8Config:
+    """Transformer Engine's fp8 GEMMs in the transformer layers (megatron-core's TransformerConfig fields; Megatron-LM's
+    flags and defaults). The mean of K embeddings, the output layer and the loss stay in bf16/fp32: megatron-core
+    runs only its TransformerBlock under fp8 autocast."""
+
+    format: Optional[str] = None  # None: no fp8
+    recipe: str = "delayed"
+    margin: int = 0
+    amax_history_len: int = 1
+    amax_compute_algo: str = "most_recent"
+    wgrad: bool = True  # the weight gradients' GEMMs in fp8 too
+    param_gather: bool = False  # keep the weights in fp8 and all-gather them so (distributed optimizer)
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
+
+
 @dataclass
 class OptimizerConfig:
     """Megatron-LM's defaults (its arguments.py); the paper's recipe is `--recipe paper` (presets.RECIPES). Schedule
@@ -272,6 +294,7 @@ class TrainingConfig:
     seed: int = 1234
     bf16: bool = False
     fp16: bool = False  # fp16 weights and activations, fp32 master weights, loss scaling (OptimizerConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
     log_interval: int = 100
     eval_interval: Optional[int] = None  # None: validate only at the end of the phase
     eval_iters: int = 100
@@ -463,6 +486,7 @@ class TrainingConfig:
         if m.apply_layernorm_1p and m.transformer_impl != "transformer_engine":
             raise ConfigError("--apply-layernorm-1p needs Transformer Engine's norms (--transformer-impl "
                               "transformer_engine); the local layers' torch norms have no zero-centred weight")
+        self._check_fp8()
         if not m.group_query_attention:
             if m.num_query_groups is not None:
                 raise ConfigError(f"--num-query-groups {m.num_query_groups} needs --group-query-attention")
@@ -474,6 +498,32 @@ class TrainingConfig:
         if groups % tp:
             raise ConfigError(f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size {tp} "
                               f"(each tensor-parallel rank holds whole key/value groups)")
+
+    def _check_fp8(self) -> None:
+        f = self.fp8
+        if f.format is None:
+            if f.param_gather or f.first_last_layers_bf16:
+                raise ConfigError(f"{'--fp8-param-gather' if f.param_gather else '--first-last-layers-bf16'} needs "
+                                  f"--fp8-format")
+            return
+        given = f"--fp8-format {f.format}"
+        if self.deepspeed.enabled:
+            raise ConfigError(f"{given} with --deepspeed: fp8 runs on megatron-core's engine here; drop --deepspeed")
+        if f.param_gather and not self.parallel.use_distributed_optimizer:
+            raise ConfigError("--fp8-param-gather needs --use-distributed-optimizer (the fp8 weights are gathered "
+                              "from its shards)")
+        if f.first_last_layers_bf16:
+            if f.recipe == "delayed":
+                raise ConfigError("--first-last-layers-bf16 needs --fp8-recipe tensorwise, mxfp8 or blockwise "
+                                  "(delayed scaling cannot keep layers in bf16)")
+            per_stage = self.model.num_layers // self.parallel.pipeline_model_parallel_size
+            for flag, value in (("--num-layers-at-start-in-bf16", f.num_layers_at_start_in_bf16),
+                                ("--num-layers-at-end-in-bf16", f.num_layers_at_end_in_bf16)):
+                if not 0 <= value <= per_stage:
+                    raise ConfigError(f"{flag} {value}: at most the {per_stage} layers of a pipeline stage")
+        if self.model.transformer_impl != "transformer_engine":  # last: the rules above hold on any machine
+            raise ConfigError(f"{given} needs Transformer Engine's fp8 GEMMs (--transformer-impl transformer_engine, "
+                              f"GPU only); the local layers compute in --bf16 at best")
 
     def _check_recompute(self) -> None:
         """megatron-core's recompute settings, checked against the layers of one model chunk."""

@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_patch.compat.cpu import pipeline_p2p_settings
 from megatron_patch.compat.megatron_core import hybrid_api
-from megatron_patch.config.schema import ModelConfig, ParallelConfig
+from megatron_patch.config.schema import Fp8Config, ModelConfig, ParallelConfig
 from megatron_patch.method.attention import SDPAttention
 from megatron_patch.method.patching import patch_cross_entropy, patch_position_ids, patchify
 
@@ -156,8 +156,9 @@ def causal_attention_mask(num_positions: int, device) -> torch.Tensor:
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False,
-                       fp16: bool = False) -> TransformerConfig:
+                       fp16: bool = False, fp8: Fp8Config | None = None) -> TransformerConfig:
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    fp8 = fp8 or Fp8Config()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -190,6 +191,18 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         pipeline_dtype=dtype,
         bf16=bf16,
         fp16=fp16,
+        # Transformer Engine's fp8 GEMMs: megatron-core wraps its TransformerBlock (not the embedding's mean of K,
+        # the output layer or the loss) in fp8 autocast, and builds the weights in fp8 with fp8_param.
+        fp8=fp8.format,
+        fp8_recipe=fp8.recipe,
+        fp8_margin=fp8.margin,
+        fp8_amax_history_len=fp8.amax_history_len,
+        fp8_amax_compute_algo=fp8.amax_compute_algo,
+        fp8_wgrad=fp8.wgrad,
+        fp8_param=fp8.param_gather,
+        first_last_layers_bf16=fp8.first_last_layers_bf16,
+        num_layers_at_start_in_bf16=fp8.num_layers_at_start_in_bf16,
+        num_layers_at_end_in_bf16=fp8.num_layers_at_end_in_bf16,
         # Same initial weights on any device and any tensor-parallel size.
         use_cpu_initialization=True,
         **pipeline_p2p_settings(),

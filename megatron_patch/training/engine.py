@@ -83,7 +83,8 @@ class MegatronEngine(Engine):
                 DistributedDataParallelConfig(grad_reduce_in_fp32=not p.grad_reduce_in_bf16,
                                               overlap_grad_reduce=p.overlap_grad_reduce,
                                               use_distributed_optimizer=p.use_distributed_optimizer,
-                                              overlap_param_gather=p.overlap_param_gather),
+                                              overlap_param_gather=p.overlap_param_gather,
+                                              fp8_param_gather=cfg.fp8.param_gather),
                 chunk,
                 disable_bucketing=vp_stage > 0,  # as Megatron-LM: one bucket per rank is enough off the first chunk
             ))

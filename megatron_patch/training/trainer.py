@@ -54,7 +54,7 @@ class Trainer:
         self.consumed_samples = 0
         # Chunks of one rank share one config; pretrained weights are loaded before the engine wraps them, so
         # gradient buffers, fp32 master copies and ZeRO partitions all start from them.
-        config = transformer_config(cfg.model, cfg.parallel, cfg.bf16, cfg.fp16)
+        config = transformer_config(cfg.model, cfg.parallel, cfg.bf16, cfg.fp16, cfg.fp8)
         pretrained = self.checkpoints.pretrained()
         models = model_chunks(cfg.model, cfg.parallel, self.tokenizer.vocab_size, cfg.patch_size, config,
                               weights_from=pretrained.directory if pretrained else None)

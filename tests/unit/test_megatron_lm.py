@@ -22,7 +22,10 @@ DATA = os.path.join(ROOT, "tests", "data", "megatron_lm")
 SCRIPTS = json.load(open(os.path.join(DATA, "example_scripts.json")))["scripts"]
 MEGATRON_LM = json.load(open(os.path.join(DATA, "arguments.json")))
 
-FP8 = ["--fp8-format", "--fp8-amax-history-len", "--fp8-amax-compute-algo", "--fp8-param-gather"]
+# Without Transformer Engine (its fp8 GEMMs): the fp8 flags parse; validation refuses --fp8-format, then the flag
+# that needs it
+FP8 = [("--fp8-format", "--fp8-format hybrid needs Transformer Engine's fp8 GEMMs"),
+       ("--fp8-param-gather", "--fp8-param-gather needs --fp8-format")]
 MOE = ["--num-experts", "--moe-router-topk", "--moe-router-load-balancing-type", "--moe-aux-loss-coeff",
        "--moe-grouped-gemm", "--moe-token-dispatcher-type"]
 # script -> (the flags refused at parsing, in one message; then, one at a time, what validation refuses here on a
@@ -30,17 +33,19 @@ MOE = ["--num-experts", "--moe-router-topk", "--moe-router-load-balancing-type",
 REFUSED = {
     "gpt3_175b": (["--step-batch-size-schedule"], []),
     "gpt_345m_model_parallel": ([], []),
-    "llama3_8b_fp8": (FP8, [("--apply-layernorm-1p", "--apply-layernorm-1p needs Transformer Engine's norms")]),
+    "llama3_8b_fp8": ([], [("--apply-layernorm-1p", "--apply-layernorm-1p needs Transformer Engine's norms"), *FP8]),
     "llama3_8b_megatron_fsdp": (["--use-megatron-fsdp", "--data-parallel-sharding-strategy",
                                  "--init-model-with-meta-device", "--ckpt-format", "--use-nccl-ub",
-                                 "--fsdp-double-buffer", "--fsdp-manual-registration", *FP8],
-                                [("--apply-layernorm-1p", "--apply-layernorm-1p needs Transformer Engine's norms")]),
+                                 "--fsdp-double-buffer", "--fsdp-manual-registration"],
+                                [("--apply-layernorm-1p", "--apply-layernorm-1p needs Transformer Engine's norms"),
+                                 *FP8]),
     "mixtral_8x7b": ([*MOE, "--expert-model-parallel-size"], []),
     "gpt_oss": (["--quick-geglu", "--glu-linear-offset", "--softmax-type", "--window-attn-skip-freq",
                  "--activation-func-clamp-value", "--window-size", "--enable-gpt-oss", "--export-force-local-attention",
                  *MOE, "--moe-ffn-hidden-size", "--moe-router-dtype", "--moe-z-loss-coeff", "--moe-permute-fusion",
-                 "--moe-per-layer-logging", *FP8],
-                [("--transformer-impl", "--transformer-impl transformer_engine needs the transformer_engine package")]),
+                 "--moe-per-layer-logging"],
+                [("--transformer-impl", "--transformer-impl transformer_engine needs the transformer_engine package"),
+                 *FP8]),
 }
 
 
@@ -111,12 +116,13 @@ def test_a_megatron_lm_example_script_stops_only_at_the_missing_data(name, files
 
 def test_the_command_line_says_every_problem_at_once():
     """pretrain_patch_gpt.py itself: unknown, refused and missing flags of one command in one line, exit 2."""
-    result = run([PYTHON, "pretrain_patch_gpt.py", "--num-layers", "2", "--fp8-format", "hybrid", "--num-experts", "8",
-                  "--context-parallel-size", "2", "--seq-len", "64", "--use-mcore-models"], check=False)
+    result = run([PYTHON, "pretrain_patch_gpt.py", "--num-layers", "2", "--fp8-dot-product-attention",
+                  "--num-experts", "8", "--context-parallel-size", "2", "--seq-len", "64", "--use-mcore-models"],
+                 check=False)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("pretrain_patch_gpt: error: 1 unknown flag: --seq-len (did you mean "
                                     "--seq-length?)")
-    for part in ("3 Megatron-LM flags not supported here: --fp8-format: fp8 training is not wired here",
+    for part in ("3 Megatron-LM flags not supported here: --fp8-dot-product-attention: not wired here",
                  "--num-experts: mixture-of-experts", "--context-parallel-size 2: context parallelism",
                  "required: --hidden-size, --num-attention-heads, --seq-length, --micro-batch-size"):
         assert part in result.stderr

@@ -2,6 +2,7 @@
 fractions and WSD follow megatron-core's scheduler, --recipe paper is the paper's optimizer, --decoupled-lr gives
 the embedding and output layer their own LR, --no-load-optim / --no-load-rng / --finetune resume what they say."""
 
+import importlib.util
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from megatron_patch.config.flags import PLAN_REQUIRED, parse_args
 from megatron_patch.config.plan import make_plan, phase_config
 from megatron_patch.config.schema import ConfigError
 from megatron_patch.distributed.step import lr_scheduler
+from megatron_patch.method.model import transformer_config
 from megatron_patch.training import json_log
 from megatron_patch.training.trainer import Trainer
 
@@ -93,6 +95,14 @@ def test_a_warmup_fraction_is_of_each_phase(corpus):
     (["--train-iters", "10", "--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 needs --bf16"),
     (["--train-iters", "10", "--kv-channels", "32"], "--kv-channels 32: only hidden size / attention heads (16)"),
     (["--train-iters", "10", "--finetune"], "--finetune starts from --load's weights"),
+    (["--train-iters", "10", "--fp8-param-gather"], "--fp8-param-gather needs --fp8-format"),
+    (["--train-iters", "10", "--fp8-format", "hybrid", "--fp8-param-gather"],
+     "--fp8-param-gather needs --use-distributed-optimizer"),
+    (["--train-iters", "10", "--fp8-format", "e4m3", "--first-last-layers-bf16"],
+     "--first-last-layers-bf16 needs --fp8-recipe tensorwise, mxfp8 or blockwise"),
+    (["--train-iters", "10", "--fp8-format", "e4m3", "--fp8-recipe", "tensorwise", "--first-last-layers-bf16",
+      "--num-layers-at-end-in-bf16", "3"], "--num-layers-at-end-in-bf16 3: at most the 2 layers of a pipeline stage"),
+    (["--train-iters", "10", "--fp8-format", "hybrid", "--deepspeed"], "--fp8-format hybrid with --deepspeed"),
 ])
 def test_inconsistent_megatron_lm_flags_are_one_line_errors(corpus, flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -229,3 +239,35 @@ def test_per_split_data_paths_read_each_split_from_its_own_blend(corpus, tmp_pat
              "--train/valid/test-data-path and --per-split-data-args-path: give one")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_args([*argv, *flags]).resolve(world_size=1)
+
+
+def test_fp8_flags_reach_megatron_core_s_transformer_config(corpus):
+    """The fp8 flags of Megatron-LM's LLaMA-3 fp8 script (and the others) are TransformerConfig's fields, as Megatron-LM
+    passes them; without Transformer Engine, --fp8-format is refused in one line. Megatron-LM's fp8 variants not wired
+    here are refused at parsing, with the rest."""
+    fp8 = ["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise", "--fp8-amax-history-len", "1024",
+           "--fp8-amax-compute-algo", "max", "--fp8-margin", "0", "--disable-fp8-wgrad", "--fp8-param-gather",
+           "--first-last-layers-bf16", "--num-layers-at-start-in-bf16", "2", "--num-layers-at-end-in-bf16", "0"]
+    argv = ["--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "8", "--lr", "1e-3",
+            "--data-path", corpus["aligned4"], "--tokenizer-model", corpus["tokenizer"], "--train-iters", "2",
+            "--use-distributed-optimizer"]
+    cfg = parse_args([*argv, *fp8])
+    config = transformer_config(cfg.model, cfg.parallel, cfg.bf16, cfg.fp16, cfg.fp8)
+    assert (config.fp8, config.fp8_recipe, config.fp8_amax_history_len, config.fp8_amax_compute_algo,
+            config.fp8_margin, config.fp8_wgrad, config.fp8_param, config.first_last_layers_bf16,
+            config.num_layers_at_start_in_bf16, config.num_layers_at_end_in_bf16) == (
+        "hybrid", "tensorwise", 1024, "max", 0, False, True, True, 2, 0)
+    plain = parse_args(argv)
+    config = transformer_config(plain.model, plain.parallel, fp8=plain.fp8)
+    assert (config.fp8, config.fp8_param, config.fp8_wgrad) == (None, False, True)
+    if importlib.util.find_spec("transformer_engine") is None:
+        with pytest.raises(ConfigError, match=r"^--fp8-format hybrid needs Transformer Engine's fp8 GEMMs "
+                                              r"\(--transformer-impl transformer_engine, GPU only\)"):
+            cfg.resolve(world_size=1)
+    refused = run([PYTHON, "pretrain_patch_gpt.py", *argv, "--fp8-recipe", "custom", "--fp4-format", "e2m1",
+                   "--fp8-interval", "1"], check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        "pretrain_patch_gpt: error: 2 Megatron-LM flags not supported here: --fp8-recipe custom: a custom quantizer"), \
+        refused.stderr
+    assert "--fp4-format: fp4 (NVFP4, Blackwell) is not supported here" in refused.stderr
+    assert "--fp8-interval" not in refused.stderr  # accepted: Transformer Engine has no interval any more

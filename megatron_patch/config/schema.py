@@ -678,7 +678,7 @@ class TrainingConfig:
         sources = [flag for flag, given in (("--mock-data", d.mock_data), ("--data-path", d.data_path),
                                             ("--train/valid/test-data-path", d.per_split)) if given]
         if len(sources) > 1:
-            raise ConfigError(f"{' and '.join(sources)}: give one data source")
+            raise ConfigError(f"{' and '.join(sources)}: give one")
         if not sources:
             raise ConfigError("--data-path (or --data-args-path, --train-data-path, --per-split-data-args-path, or "
                               "--mock-data) is required")

@@ -225,8 +225,8 @@ def test_per_split_data_paths_read_each_split_from_its_own_blend(corpus, tmp_pat
         assert read.blends() == given.blends()
     (tmp_path / "bad.json").write_text('{"train": ["x"], "valid": []}')
     for flags, message in (
-            (["--train-data-path", aligned, "--data-path", aligned], "--data-path and --train/valid/test-data-path: "
-                                                                     "give one data source"),
+            (["--train-data-path", aligned, "--data-path", aligned],
+             "--data-path and --train/valid/test-data-path: give one"),
             (["--train-data-path", aligned, "--split", "90,10,0"], "--split 90,10,0 and --train-data-path: give one"),
             (["--valid-data-path", aligned], "--train-data-path is required with --valid-data-path"),
             (["--train-data-path", aligned, "--test-data-path", "0.5", aligned, "x"],

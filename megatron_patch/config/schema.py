@@ -14,7 +14,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from megatron_patch.checkpoint import layout
 from megatron_patch.config.tokenizer import TokenizerError, TokenizerSpec
@@ -164,9 +164,13 @@ class DataConfig:
         flag, values = self.blends()["train"]
         return parse_blend(values, flag)
 
+    def given_blends(self) -> Dict[str, List[str]]:
+        """flag -> blend values of each distinct blend (--data-path once, not once per split)."""
+        return dict(self.blends().values())
+
     def prefixes(self) -> List[str]:
         """Every dataset prefix the run reads, once each, in order."""
-        return list(dict.fromkeys(prefix for flag, values in self.blends().values()
+        return list(dict.fromkeys(prefix for flag, values in self.given_blends().items()
                                   for prefix in parse_blend(values, flag)[0]))
 
     def read_only(self, data_path: List[str]) -> None:
@@ -688,7 +692,7 @@ class TrainingConfig:
             if d.split != DEFAULT_SPLIT:
                 raise ConfigError(f"--split {d.split} and --train-data-path: give one (with per-split data paths "
                                   f"each split is its own blend)")
-        for flag, values in d.blends().values():
+        for flag, values in d.given_blends().items():
             for prefix in parse_blend(values, flag)[0]:
                 for suffix in (".bin", ".idx"):
                     if not os.path.isfile(prefix + suffix):

@@ -175,9 +175,9 @@ def build_datasets(
     """train/valid/test PatchGPTDatasets (None where a split is empty), via megatron-core's builder, from the blend
     `prefixes`/`weights` divided by `split`, or from `blend_per_split` (one (prefixes, weights) or None per split,
     `prefixes` empty); neither: its mock documents (--mock-data)."""
-    for blend in [(prefixes, weights), *(blend_per_split or [])]:
-        for prefix in (blend or ([], None))[0]:
-            checked_dataset(prefix)
+    per_split_prefixes = [prefix for blend in blend_per_split or [] if blend for prefix in blend[0]]
+    for prefix in dict.fromkeys([*prefixes, *per_split_prefixes]):
+        checked_dataset(prefix)
     config = PatchGPTDatasetConfig(
         random_seed=seed,
         sequence_length=num_patches,

@@ -33,7 +33,7 @@ from megatron.core import parallel_state
 
 from megatron_patch.checkpoint.guards import locate
 from megatron_patch.checkpoint.model_chunks import model_chunks
-from megatron_patch.config.schema import ConfigError, ParallelConfig, TrainingConfig, token_level_view
+from megatron_patch.config.schema import SPLITS, ConfigError, ParallelConfig, TrainingConfig, token_level_view
 from megatron_patch.config.tokenizer import TokenizerSpec
 from megatron_patch.data.corpus import expand_inputs, read_documents
 from megatron_patch.data.dataset import datasets_for, micro_batches, num_samples
@@ -41,8 +41,6 @@ from megatron_patch.data.tokenizers.wrappers import build_tokenizer
 from megatron_patch.distributed.step import global_loss_totals, run_schedule
 from megatron_patch.errors import MegatronPatchError
 from megatron_patch.method.model import transformer_config
-
-SPLITS = ("train", "valid", "test")
 
 
 class EvaluationError(MegatronPatchError, ValueError):
